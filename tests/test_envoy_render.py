@@ -1,0 +1,104 @@
+"""The rendered Envoy bootstrap: its shape, and the real binary's `--mode validate` verdict on every file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.config import RouterConfig, load_config, parse_config
+from extproc.envoy_render import PROCESSOR_CLUSTER, RenderOptions, render_bootstrap, render_yaml
+from extproc.launcher import validate_envoy_config
+
+from .test_config import SEED_ENV
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+def configs() -> list[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def load(path: Path) -> RouterConfig:
+    return load_config(path, environ=SEED_ENV)
+
+
+def clusters(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in doc["static_resources"]["clusters"]}
+
+
+def hcm(doc: dict[str, Any]) -> dict[str, Any]:
+    listener = doc["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", configs(), ids=lambda p: p.name)
+def test_every_example_renders_and_validates(path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(render_bootstrap(load(path), RenderOptions())))
+    result = validate_envoy_config(out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_tls_clusters_verify_against_system_cas() -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    doc = render_bootstrap(config, RenderOptions())
+    dep = config.deployments[1]
+    cluster = clusters(doc)[dep.cluster]
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "my-endpoint-canada-berri992.openai.azure.com"
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"]["filename"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] == dep.host
+    assert cluster["type"] == "LOGICAL_DNS"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": dep.host, "port_value": 443}
+
+
+def test_plain_http_for_local_endpoints() -> None:
+    config = parse_config(
+        'model_list: [{model_name: m, litellm_params: {model: azure/d, api_base: "http://127.0.0.1:8080", '
+        "api_key: k}}]", environ={},
+    )
+    cluster = clusters(render_bootstrap(config, RenderOptions()))[config.deployments[0].cluster]
+    assert "transport_socket" not in cluster
+    assert cluster["type"] == "STATIC"
+
+
+def test_filter_chain_processor_and_admin() -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    options = RenderOptions(listen_port=10123, admin_port=9123, processors=(("127.0.0.1", 5001), ("127.0.0.1", 5002)))
+    doc = render_bootstrap(config, options)
+    assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9123}
+    manager = hcm(doc)
+    names = [f["name"] for f in manager["http_filters"]]
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    ext_proc = manager["http_filters"][0]["typed_config"]
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert ext_proc["processing_mode"]["response_header_mode"] == "SKIP"
+    processor = clusters(doc)[PROCESSOR_CLUSTER]
+    assert "http2_protocol_options" in str(processor["typed_extension_protocol_options"])
+    assert processor["circuit_breakers"]["thresholds"][0]["max_requests"] >= 100000
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in processor["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [5001, 5002]
+    route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["retry_policy"]["num_retries"] == 2
+    assert 429 in route["retry_policy"]["retriable_status_codes"]
+    assert route["timeout"] == "30.000s"
+    runtime = doc["layered_runtime"]["layers"][0]["static_layer"]
+    assert runtime["envoy.reloadable_features.ext_proc_graceful_grpc_close"] is True
+
+
+def test_cli_render_envoy_writes_a_valid_file(tmp_path: Path) -> None:
+    from extproc.cli import main
+
+    out = tmp_path / "envoy.yaml"
+    assert main(["render-envoy", "--config", str(CONFIG_DIR / "demo.yaml"), "--out", str(out), "--port", "10777"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 10777
+    assert validate_envoy_config(out).returncode == 0
