@@ -185,7 +185,7 @@ def _sample(stack: Stack, count: int) -> None:
     bases = {dep.deployment: dep for dep in stack.config.groups[group]}
     for name, n in served.most_common():
         dep = bases.get(name)
-        where = f" at {urlsplit(dep.api_base).netloc} (rpm {dep.rpm}, weight {dep.weight})" if dep else ""
+        where = f" at {urlsplit(dep.api_base).netloc} (rpm {dep.rpm or '-'}, weight {dep.weight or '-'})" if dep else ""
         print(f"  {name:28s}{where}: {n:3d} {'#' * n}")
     print("\ntry: curl -s " + stack.base_url + "/v1/chat/completions -H 'content-type: application/json' "
           f"-d '{{\"model\": \"{group}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")

@@ -50,7 +50,7 @@ def encode_forward(forward: Forward) -> bytes:
         ),
         dynamic_metadata=metadata,
     )
-    return response.SerializeToString()
+    return bytes(response.SerializeToString())
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -63,7 +63,7 @@ def encode_reply(reply: Reply) -> bytes:
             details=f"{PROCESSOR_REPLY_DETAILS_PREFIX}_{reply.reason}",
         )
     )
-    return response.SerializeToString()
+    return bytes(response.SerializeToString())
 
 
 class ExternalProcessor:
@@ -128,7 +128,7 @@ def _passthrough(phase: str | None) -> bytes:
         response.response_headers.SetInParent()
     elif phase == "response_body":
         response.response_body.SetInParent()
-    return response.SerializeToString()
+    return bytes(response.SerializeToString())
 
 
 def add_to_server(server: grpc.aio.Server, processor: ExternalProcessor) -> None:

@@ -40,7 +40,7 @@ class ProcessorServer:
     async def start(self) -> int:
         server = grpc.aio.server(options=grpc_options(self.config))
         add_to_server(server, self.processor)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
         self.port = bound

@@ -55,7 +55,10 @@ class Mock:
         return [r for r in self.requests if r.status == 200 and (deployment is None or r.deployment == deployment)]
 
     def fault(self, deployment: str, fault: Fault | None) -> None:
-        self.server.set_fault(deployment, fault)
+        async def apply() -> None:  # the mock's state belongs to its loop thread
+            self.server.set_fault(deployment, fault)
+
+        self._loop.run(apply())
 
     def stop(self) -> None:
         self._loop.run(self.server.stop())
