@@ -161,6 +161,7 @@ class RouterSettings(_Section):
     redis_port: PositiveInt = None
     redis_password: str | None = None
     redis_url: str | None = None
+    redis_key_prefix: str = "llm-extproc"  # ours: lets several installs share one Redis
     allowed_fails: NonNegativeInt = None
     cooldown_time: NonNegativeNumber = None
     routing_strategy_args: RoutingStrategyArgs = RoutingStrategyArgs()
@@ -262,6 +263,7 @@ class RouterConfig:
     cooldown_time: float | None
     strategy_args: RoutingStrategyArgs
     redis_url: str | None = field(repr=False)
+    redis_key_prefix: str
     master_key: str | None = field(repr=False)
     max_request_bytes: int
     source: str = ""
@@ -451,6 +453,7 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
         cooldown_time=settings.cooldown_time,
         strategy_args=settings.routing_strategy_args,
         redis_url=_redis_url(settings),
+        redis_key_prefix=settings.redis_key_prefix,
         master_key=parsed.general_settings.master_key,
         max_request_bytes=int(parsed.general_settings.max_request_size_mb * 1024 * 1024),
         source=source,

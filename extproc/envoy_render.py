@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .accounting import REQUEST_LOG_NAME, USAGE_NAMESPACE
 from .config import Deployment, RouterConfig
 from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX
 from .routing import CLUSTER_HEADER, METADATA_NAMESPACE
@@ -38,7 +39,72 @@ RESPONSE_HEADERS = {
     "x-litellm-model-group": "model_group",
     "x-litellm-model-api-base": "api_base",
     "x-llm-deployment": "deployment",
+    "x-ratelimit-limit-requests": "limit_requests",
+    "x-ratelimit-remaining-requests": "remaining_requests",
+    "x-ratelimit-limit-tokens": "limit_tokens",
+    "x-ratelimit-remaining-tokens": "remaining_tokens",
 }
+
+
+# Reads token usage from responses as they stream through, without buffering or delaying them: the
+# `usage` object of JSON bodies and of a stream's final chunk, else a count of streamed content events.
+# Results go to dynamic metadata, which the access log brings back to the processor.
+USAGE_LUA = """
+local NS = "__USAGE_NS__"
+local TAIL = 512
+
+local function last_number(text, key)
+  local value = nil
+  for digits in string.gmatch(text, '"' .. key .. '"%s*:%s*(%d+)') do value = digits end
+  return value
+end
+
+-- Handles obtained before a yield (each body chunk) are invalid after it: look them up every time.
+local function set(handle, key, value)
+  handle:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
+function envoy_on_response(handle)
+  if handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__") == nil then return end
+  local content_type = handle:headers():get("content-type") or ""
+  local stream = string.find(content_type, "text/event-stream", 1, true) ~= nil
+  local pending, events = "", 0
+  for chunk in handle:bodyChunks() do
+    local size = chunk:length()
+    if size > 0 then
+      local text = pending .. chunk:getBytes(0, size)
+      local scan = text
+      if stream then
+        -- count whole SSE events only; keep the incomplete last one for the next chunk
+        local cut = nil
+        local from = 1
+        while true do
+          local s, e = string.find(text, "\\n\\n", from, true)
+          if s == nil then break end
+          cut, from = e, e + 1
+        end
+        if cut then
+          scan, pending = string.sub(text, 1, cut), string.sub(text, cut + 1)
+          for _ in string.gmatch(scan, '"content"%s*:%s*"[^"]') do events = events + 1 end
+          set(handle, "stream_events", events)
+        else
+          scan, pending = "", text
+        end
+      else
+        pending = string.sub(text, -TAIL)
+      end
+      local total = last_number(scan, "total_tokens")
+      if total ~= nil then
+        set(handle, "total_tokens", tonumber(total))
+        local completion = last_number(scan, "completion_tokens")
+        if completion ~= nil then set(handle, "completion_tokens", tonumber(completion)) end
+        local prompt = last_number(scan, "prompt_tokens")
+        if prompt ~= nil then set(handle, "prompt_tokens", tonumber(prompt)) end
+      end
+    end
+  end
+end
+""".replace("__USAGE_NS__", USAGE_NAMESPACE).replace("__ROUTED_NS__", METADATA_NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -51,6 +117,7 @@ class RenderOptions:
     processors: tuple[tuple[str, int], ...] = (("127.0.0.1", 50051),)
     processor_dns: bool = False  # processors named by DNS (compose, Kubernetes) instead of IP literals
     message_timeout_s: float = 2.0
+    access_log_flush_ms: int = 20
     ca_bundle: str = SYSTEM_CA_BUNDLE
     extra_runtime: dict[str, Any] = field(default_factory=dict)
 
@@ -101,7 +168,47 @@ def http_connection_manager(config: RouterConfig, options: RenderOptions) -> dic
             "codec_type": "AUTO",
             "local_reply_config": local_reply_config(),
             "route_config": route_config(config),
-            "http_filters": [ext_proc_filter(options), router_filter()],
+            "http_filters": [ext_proc_filter(options), usage_filter(), router_filter()],
+            "access_log": [request_access_log(options)],
+        },
+    }
+
+
+def usage_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": USAGE_LUA},
+        },
+    }
+
+
+def request_access_log(options: RenderOptions) -> dict[str, Any]:
+    """One entry per finished routed request, streamed in batches to the processor (see accounting.py)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        # Only requests the processor routed: local replies carry no routing metadata.
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": "request_id"}],
+                    "value": {"present_match": True},
+                }
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": REQUEST_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
+                # Small batches, sent often: in-flight counts and token windows stay current.
+                "buffer_flush_interval": f"{options.access_log_flush_ms / 1000:.3f}s",
+                "buffer_size_bytes": 16384,
+            },
+            "additional_response_headers_to_log": ["retry-after"],
         },
     }
 

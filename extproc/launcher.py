@@ -53,6 +53,7 @@ class Stack:
     listen_port: int | None = None
     admin_port: int | None = None
     processor_ports: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
     processors: int = 1
     run_dir: Path | None = None
     envoy_log_level: str = "warn"
@@ -71,6 +72,8 @@ class Stack:
         self.admin_port = self.admin_port or free_port()
         while len(self.processor_ports) < self.processors:
             self.processor_ports.append(free_port())
+        while len(self.metrics_ports) < self.processors:
+            self.metrics_ports.append(free_port())
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="llm-extproc-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,8 @@ class Stack:
                 self._spawn(
                     f"processor-{index}",
                     [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path),
-                     "--host", "127.0.0.1", "--port", str(port)],
+                     "--host", "127.0.0.1", "--port", str(port),
+                     "--metrics-port", str(self.metrics_ports[index])],
                 )
             self.envoy_config_path.write_text(render_yaml(render_bootstrap(self.config, self.render_options())))
             envoy_cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
@@ -149,6 +153,22 @@ class Stack:
         if not path.exists():
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics_text(self, index: int = 0) -> str:
+        url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metric(self, name: str, index: int | None = None, **labels: str) -> float:
+        """Sum of one metric's samples whose labels include ``labels`` (over all processors by default)."""
+        total = 0.0
+        indexes = range(len(self.metrics_ports)) if index is None else [index]
+        for i in indexes:
+            for line in self.metrics_text(i).splitlines():
+                named = line.startswith(name + "{") or line.startswith(name + " ")
+                if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         for proc_name, proc in self._procs:

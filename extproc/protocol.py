@@ -7,6 +7,7 @@ a given Forward never change, so they are serialized once and reused as bytes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -16,7 +17,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from .errors import Reply
-from .routing import METADATA_NAMESPACE, Flow, Forward, Router
+from .metrics import Metrics
+from .routing import METADATA_NAMESPACE, Flow, Forward, Routed, Router
 
 log = logging.getLogger("extproc.protocol")
 
@@ -35,8 +37,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def encode_forward(forward: Forward) -> bytes:
-    metadata = struct_pb2.Struct()
-    metadata.update({METADATA_NAMESPACE: dict(forward.metadata)})
+    """The part of a body response that is the same for every request sent to this deployment."""
     response = pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
@@ -48,9 +49,16 @@ def encode_forward(forward: Forward) -> bytes:
                 clear_route_cache=True,
             )
         ),
-        dynamic_metadata=metadata,
     )
     return bytes(response.SerializeToString())
+
+
+def encode_metadata(metadata: dict[str, str | int | float | bool]) -> bytes:
+    """The per-request part. Serialized protobuf messages concatenate into their merge, so this is
+    appended to the prebuilt forward bytes instead of rebuilding the whole response."""
+    struct = struct_pb2.Struct()
+    struct.update({METADATA_NAMESPACE: metadata})
+    return bytes(pb.ProcessingResponse(dynamic_metadata=struct).SerializeToString())
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -69,8 +77,9 @@ def encode_reply(reply: Reply) -> bytes:
 class ExternalProcessor:
     """One bidirectional stream per HTTP request: request headers, then (for inference calls) the body."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, metrics: Metrics | None = None) -> None:
         self.router = router
+        self.metrics = metrics or Metrics()
         self._forward_cache: dict[int, bytes] = {}
         self._reply_cache: dict[int, bytes] = {}
 
@@ -103,8 +112,13 @@ class ExternalProcessor:
                 if flow is None:
                     log.warning("request body before headers; ignoring the stream")
                     return
-                decision = router.on_body(flow, request.request_body.body)
-                yield encode_reply(decision) if isinstance(decision, Reply) else self._encode_forward(decision)
+                started = time.perf_counter()
+                decision = await router.on_body(flow, request.request_body.body)
+                self.metrics.decisions.observe(time.perf_counter() - started)
+                if isinstance(decision, Routed):
+                    yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
+                else:
+                    yield encode_reply(decision)
                 return
             else:
                 # Phases we did not ask for (trailers, response side): let them pass unchanged.

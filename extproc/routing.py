@@ -7,6 +7,9 @@ built once per config, so a decision is a JSON parse, a few dict look-ups and on
 from __future__ import annotations
 
 import hmac
+import itertools
+import math
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +19,16 @@ import orjson
 from . import errors
 from .config import Deployment, RouterConfig
 from .errors import Reply
-from .strategies import ShuffleWeights, shuffle_weights, simple_shuffle
+from .store import Candidate, CounterStore, DeploymentState, MemoryStore, Reservation, SampleSettings
+from .strategies import (
+    ShuffleWeights,
+    order_latency_based,
+    order_least_busy,
+    order_simple_shuffle,
+    order_usage_based,
+    shuffle_weights,
+)
+from .tokens import estimate_input_tokens
 
 __version__ = "0.1.0"
 
@@ -48,26 +60,52 @@ class Forward:
     deployment: Deployment
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
-    metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A decision: the prebuilt forwarding plan plus what is specific to this request.
+
+    ``metadata`` becomes Envoy dynamic metadata: response headers are rendered from it, and Envoy's access
+    log brings it back to the processor when the request ends (request id, reserved tokens).
+    """
+
+    forward: Forward
+    metadata: dict[str, str | int | float | bool]
 
 
 @dataclass(frozen=True, slots=True)
 class _Group:
     name: str
     deployments: tuple[Deployment, ...]
+    candidates: tuple[Candidate, ...]
     weights: ShuffleWeights
     # forwards[operation][stream][i] for deployment i
     forwards: Mapping[str, tuple[tuple[Forward, ...], tuple[Forward, ...]]]
+    rpm_limit: int  # sum over deployments that set rpm (0: none does), for x-ratelimit-* headers
+    tpm_limit: int
 
 
 class Router:
-    def __init__(self, config: RouterConfig, rng: random.Random | None = None, cache_backend: str = "memory"):
+    def __init__(self, config: RouterConfig, store: CounterStore | None = None, rng: random.Random | None = None):
         self.config = config
+        self.store = store or MemoryStore(samples_of(config))
         self.rng = rng or random.Random()
-        self.cache_backend = cache_backend
+        self.cache_backend = self.store.backend
         self._groups = {name: self._plan_group(name, deps) for name, deps in config.groups.items()}
+        # The last snapshot each group's reservation returned: what strategies rank on. It is at most one
+        # decision old; the reservation itself re-checks limits atomically, so staleness never breaks them.
+        self._snapshots: dict[str, tuple[DeploymentState, ...]] = {
+            name: tuple(DeploymentState() for _ in group.deployments) for name, group in self._groups.items()
+        }
+        self._request_ids = (f"{os.urandom(5).hex()}-{n}" for n in itertools.count())
+        retries = config.num_retries + 1
+        self._lease_s = (config.timeout * retries + 30.0, max(config.timeout * retries + 30.0, 3600.0))
         self._master_key = config.master_key.encode() if config.master_key else None
         self._models_reply = errors.json_reply(200, self._model_list(), "models")
+
+    def groups(self) -> Mapping[str, _Group]:
+        return self._groups
 
     # -- headers phase ---------------------------------------------------------------------------------
 
@@ -116,7 +154,7 @@ class Router:
 
     # -- body phase ------------------------------------------------------------------------------------
 
-    def on_body(self, flow: Flow, body: bytes) -> Forward | Reply:
+    async def on_body(self, flow: Flow, body: bytes) -> Routed | Reply:
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -131,8 +169,75 @@ class Router:
         if group is None:
             return errors.unknown_model(model, self.config.public_model_names())
         stream = payload.get("stream") is True
-        index = simple_shuffle(len(group.deployments), group.weights, self.rng)
-        return group.forwards[flow.operation][stream][index]
+        tokens = estimate_input_tokens(payload, flow.operation)
+        request_id = next(self._request_ids)
+        reservation = await self.store.reserve(
+            group.name, group.candidates, self._order(group, stream), request_id, tokens, self._lease_s[stream]
+        )
+        self._snapshots[group.name] = reservation.states
+        if reservation.chosen is None:
+            return self._no_capacity(model, group, reservation, tokens)
+        forward = group.forwards[flow.operation][stream][reservation.chosen]
+        dep = forward.deployment
+        metadata: dict[str, str | int | float | bool] = {
+            "request_id": request_id,
+            "model_id": dep.id,
+            "model_group": group.name,
+            "deployment": dep.deployment,
+            "api_base": dep.api_base,
+            "tokens": tokens,
+            "stream": stream,
+        }
+        metadata.update(self._rate_headers(group, reservation.states))
+        return Routed(forward, metadata)
+
+    def _order(self, group: _Group, stream: bool) -> list[int]:
+        strategy = self.config.routing_strategy
+        if strategy == "simple-shuffle":
+            return order_simple_shuffle(len(group.deployments), group.weights, self.rng)
+        states = self._snapshots[group.name]
+        if strategy == "least-busy":
+            return order_least_busy(states, self.rng)
+        if strategy == "usage-based-routing":
+            return order_usage_based(states, self.rng)
+        return order_latency_based(states, stream, self.config.strategy_args.lowest_latency_buffer, self.rng)
+
+    @staticmethod
+    def _rate_headers(group: _Group, states: tuple[DeploymentState, ...]) -> dict[str, str]:
+        """LiteLLM's x-ratelimit-* for the model group: sum of limits minus sum of current-window usage.
+
+        Strings, because Envoy would print metadata numbers as doubles (1e+05)."""
+        headers: dict[str, str] = {}
+        if group.rpm_limit:
+            used = sum(s.rpm_used for d, s in zip(group.deployments, states, strict=True) if d.rpm)
+            headers["limit_requests"] = str(group.rpm_limit)
+            headers["remaining_requests"] = str(max(0, group.rpm_limit - used))
+        if group.tpm_limit:
+            used = sum(s.tpm_used for d, s in zip(group.deployments, states, strict=True) if d.tpm)
+            headers["limit_tokens"] = str(group.tpm_limit)
+            headers["remaining_tokens"] = str(max(0, group.tpm_limit - used))
+        return headers
+
+    def _no_capacity(self, model: str, group: _Group, reservation: Reservation, tokens: int) -> Reply:
+        """429 naming each deployment's usage vs limit, with Retry-After until the first window frees."""
+        details = {}
+        waits = []
+        for dep, state in zip(group.deployments, reservation.states, strict=True):
+            details[dep.id] = {
+                "current_rpm": state.rpm_used, "rpm_limit": dep.rpm,
+                "current_tpm": state.tpm_used, "tpm_limit": dep.tpm,
+            }
+            waits.append(state.frees_in_s)
+        retry_after = max(1, math.ceil(min(waits)))
+        headers = [("retry-after", str(retry_after))]
+        for name, value in self._rate_headers(group, reservation.states).items():
+            headers.append((f"x-ratelimit-{name.replace('_', '-')}", str(value)))
+        message = (
+            f"No deployments available for selected model: every deployment of model group '{group.name}' "
+            f"(requested model '{model}') is at its rpm/tpm limit for a request of ~{tokens} input tokens. "
+            f"Try again in {retry_after} seconds. Deployments={orjson.dumps(details).decode()}"
+        )
+        return errors.error_reply(429, message, "rate_limit_error", "rate_limit_exceeded", headers=tuple(headers))
 
     # -- built once per config -------------------------------------------------------------------------
 
@@ -144,7 +249,11 @@ class Router:
             )
             for op in OPERATIONS
         }
-        return _Group(name, deployments, shuffle_weights(deployments), forwards)
+        candidates = tuple(Candidate(dep.id, dep.rpm, dep.tpm) for dep in deployments)
+        return _Group(
+            name, deployments, candidates, shuffle_weights(deployments), forwards,
+            rpm_limit=sum(dep.rpm or 0 for dep in deployments), tpm_limit=sum(dep.tpm or 0 for dep in deployments),
+        )
 
     def _forward(self, dep: Deployment, operation: str, stream: bool) -> Forward:
         path = f"{dep.base_path}/openai/deployments/{dep.deployment}/{operation}?api-version={dep.api_version}"
@@ -163,12 +272,6 @@ class Router:
                 ("x-envoy-upstream-rq-timeout-ms", str(timeout_ms)),
             ),
             remove_headers=("authorization",),
-            metadata=(
-                ("model_id", dep.id),
-                ("model_group", dep.model_name),
-                ("deployment", dep.deployment),
-                ("api_base", dep.api_base),
-            ),
         )
 
     def _model_list(self) -> dict[str, object]:
@@ -179,3 +282,8 @@ class Router:
                 for name in self.config.public_model_names()
             ],
         }
+
+
+def samples_of(config: RouterConfig) -> SampleSettings:
+    args = config.strategy_args
+    return SampleSettings(max_samples=args.max_latency_list_size, ttl_s=args.ttl)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import grpc
 
+from . import accounting
 from .config import ConfigError, RouterConfig, load_config, redis_endpoint_for_display
+from .metrics import Metrics, serve_metrics
 from .protocol import ExternalProcessor, add_to_server
-from .routing import Router
+from .routing import Router, samples_of
+from .store import CounterStore, MemoryStore
 
 log = logging.getLogger("extproc.server")
 
@@ -29,21 +32,35 @@ def grpc_options(config: RouterConfig) -> list[tuple[str, int]]:
 
 
 class ProcessorServer:
-    def __init__(self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051) -> None:
+    def __init__(
+        self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051, metrics_port: int | None = None
+    ) -> None:
         self.config_path = Path(config_path)
         self.host = host
         self.port = port
+        self.metrics_port = metrics_port
+        self.metrics = Metrics()
+        self._metrics_server: asyncio.Server | None = None
         self.config = load_config(self.config_path)
-        self.processor = ExternalProcessor(Router(self.config))
+        self.store = make_store(self.config)
+        self.processor = ExternalProcessor(Router(self.config, self.store), self.metrics)
+        self.access_log = accounting.AccessLogReceiver(lambda: self.processor.router.store, self.metrics)
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(options=grpc_options(self.config))
         add_to_server(server, self.processor)
+        accounting.add_to_server(server, self.access_log)
         bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
         self.port = bound
+        if self.metrics_port is not None:
+            # Metrics stay on loopback: they name deployments and usage, not for the open network.
+            self._metrics_server = await serve_metrics(
+                self.metrics, lambda: self.processor.router, "127.0.0.1", self.metrics_port
+            )
+            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         log.info(
             "processor listening on %s:%d; %d deployments in %d model groups; strategy %s; counters: %s",
             self.host, bound, len(self.config.deployments), len(self.config.groups),
@@ -58,15 +75,21 @@ class ProcessorServer:
         except (ConfigError, OSError) as exc:
             log.error("reload rejected, still serving the previous config: %s", exc)
             return False
+        if config.redis_url != self.config.redis_url:
+            log.warning("redis settings changed: restart the processor to use them; keeping the current store")
         self.config = config
-        self.processor.set_router(Router(config))
+        self.processor.set_router(Router(config, self.store))
         log.info("reloaded %s: %d deployments", self.config_path, len(config.deployments))
         return True
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.store.close()
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()
@@ -79,8 +102,17 @@ class ProcessorServer:
         await self.stop()
 
 
-async def serve(config_path: str | Path, host: str, port: int) -> None:
-    server = ProcessorServer(config_path, host, port)
+def make_store(config: RouterConfig) -> CounterStore:
+    if config.redis_url:
+        from .redis_store import RedisStore
+
+        return RedisStore(config.redis_url, prefix=config.redis_key_prefix, samples=samples_of(config))
+    return MemoryStore(samples_of(config))
+
+
+async def serve(config_path: str | Path, host: str, port: int, metrics_port: int | None = None) -> None:
+    server = ProcessorServer(config_path, host, port, metrics_port)
     await server.start()
-    print(f"processor ready on {host}:{server.port}", flush=True)
+    metrics = f", metrics on http://127.0.0.1:{server.metrics_port}/metrics" if metrics_port is not None else ""
+    print(f"processor ready on {host}:{server.port}{metrics}", flush=True)
     await server.run_until_signalled()

@@ -72,7 +72,8 @@ def test_seed_config_spreads_evenly_and_keys_stay_separate(
     mock_factory: MockFactory, stack_factory: StackFactory
 ) -> None:
     a, b = mock_factory("key-eastus", "eastus"), mock_factory("key-canada", "canada")
-    stack = stack_factory(two_deployments(a, b, "rpm: 6", "rpm: 6"))
+    # the seed's rpm is 6 per deployment; limits are hard now, so the spread is measured with room for 400
+    stack = stack_factory(two_deployments(a, b, "rpm: 6000", "rpm: 6000"))
     n = 400
     counts = spread(stack, n)
     assert counts["gpt-35-eastus"] + counts["gpt-turbo-small-ca"] == n

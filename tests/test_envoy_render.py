@@ -75,7 +75,7 @@ def test_filter_chain_processor_and_admin() -> None:
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9123}
     manager = hcm(doc)
     names = [f["name"] for f in manager["http_filters"]]
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.lua", "envoy.filters.http.router"]
     ext_proc = manager["http_filters"][0]["typed_config"]
     assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
     assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import orjson
@@ -9,7 +10,7 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import Reply
-from extproc.routing import CLUSTER_HEADER, Flow, Forward, Router
+from extproc.routing import CLUSTER_HEADER, Flow, Forward, Routed, Router
 
 CONFIG = """
 model_list:
@@ -35,11 +36,16 @@ def headers(method: str = "POST", path: str = "/v1/chat/completions", end: bool 
     return router.on_headers(method, path, {":method": method, ":path": path, **extra}, end)
 
 
+def decide(router: Router, flow: Flow, raw: bytes) -> Routed | Reply:
+    return asyncio.run(router.on_body(flow, raw))
+
+
 def body(router: Router, payload: object, flow: Flow | None = None) -> Forward | Reply:
-    return router.on_body(flow or Flow("chat/completions", None), orjson.dumps(payload))
+    decision = decide(router, flow or Flow("chat/completions", None), orjson.dumps(payload))
+    return decision.forward if isinstance(decision, Routed) else decision
 
 
-def error_of(reply: Forward | Flow | Reply) -> tuple[int, str]:
+def error_of(reply: Forward | Flow | Reply | Routed) -> tuple[int, str]:
     assert isinstance(reply, Reply)
     parsed = orjson.loads(reply.body)
     assert set(parsed["error"]) == {"message", "type", "param", "code"}
@@ -91,8 +97,8 @@ def test_azure_path_model_wins(router: Router) -> None:
 
 
 def test_bad_inputs(router: Router) -> None:
-    assert error_of(router.on_body(Flow("chat/completions", None), b"{not json")) == (400, "invalid_json")
-    assert error_of(router.on_body(Flow("chat/completions", None), b"[1, 2]")) == (400, "invalid_json")
+    assert error_of(decide(router, Flow("chat/completions", None), b"{not json")) == (400, "invalid_json")
+    assert error_of(decide(router, Flow("chat/completions", None), b"[1, 2]")) == (400, "invalid_json")
     assert error_of(body(router, {"messages": []})) == (400, "missing_model")
     assert error_of(body(router, {"model": 5})) == (400, "missing_model")
     status, code = error_of(reply := body(router, {"model": "gpt-5"}))

@@ -1,0 +1,109 @@
+"""Request outcomes from Envoy's access log, off the request path.
+
+Envoy streams one entry per finished request (gRPC access log service, batched) carrying the dynamic
+metadata the processor attached (request id, deployment, reserved tokens) and what the usage filter read
+from the response. Every routed request is reported exactly once, however it ended (success, upstream
+error, timeout, client disconnect), which is what ends its in-flight lease and settles its tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+
+from .metrics import Metrics
+from .routing import METADATA_NAMESPACE
+from .store import TIMEOUT_PENALTY_S, CounterStore, Outcome
+
+log = logging.getLogger("extproc.accounting")
+
+SERVICE_NAME = "envoy.service.accesslog.v3.AccessLogService"
+USAGE_NAMESPACE = "llm_usage"  # written by the Lua usage filter (envoy_render.USAGE_LUA)
+REQUEST_LOG_NAME = "llm_requests"
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+def outcome_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome | None:
+    common = entry.common_properties
+    filter_metadata = common.metadata.filter_metadata
+    if METADATA_NAMESPACE not in filter_metadata:
+        return None  # not routed by us (a local reply, or another route in a shared Envoy)
+    routed = filter_metadata[METADATA_NAMESPACE].fields
+    usage = filter_metadata[USAGE_NAMESPACE].fields if USAGE_NAMESPACE in filter_metadata else {}
+    reserved = int(routed["tokens"].number_value)
+    status = entry.response.response_code.value
+    total: int | None = None
+    completion = 0
+    if "total_tokens" in usage:
+        total = int(usage["total_tokens"].number_value)
+        completion = int(usage["completion_tokens"].number_value) if "completion_tokens" in usage else 0
+    elif "stream_events" in usage:
+        # A stream without a usage chunk: each content event carries about one token.
+        completion = int(usage["stream_events"].number_value)
+        total = reserved + completion
+    stream = routed["stream"].bool_value if "stream" in routed else False
+    latency: float | None = None
+    ttft: float | None = None
+    flags = common.response_flags
+    timed_out = status in (408, 504) or flags.upstream_request_timeout or flags.stream_idle_timeout
+    if 200 <= status < 300:
+        duration = _seconds(common.time_to_last_upstream_rx_byte) or _seconds(common.duration)
+        latency = duration / completion if completion > 0 else duration
+        if stream and common.HasField("time_to_first_upstream_rx_byte"):
+            ttft = _seconds(common.time_to_first_upstream_rx_byte)
+    elif timed_out:
+        latency = TIMEOUT_PENALTY_S
+        ttft = TIMEOUT_PENALTY_S if stream else None
+    return Outcome(
+        group=routed["model_group"].string_value,
+        key=routed["model_id"].string_value,
+        request_id=routed["request_id"].string_value,
+        status=status,
+        reserved_tokens=reserved,
+        total_tokens=total,
+        latency_s=latency,
+        ttft_s=ttft,
+    )
+
+
+class AccessLogReceiver:
+    """The gRPC AccessLogService: settles each batch with one store call (one Redis pipeline)."""
+
+    def __init__(self, store: Callable[[], CounterStore], metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.settled = 0
+
+    async def stream(
+        self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in requests:
+            outcomes = [o for o in map(outcome_of, message.http_logs.log_entry) if o is not None]
+            if not outcomes:
+                continue
+            self._metrics.record_outcomes(outcomes)
+            try:
+                await self._store().settle(outcomes)
+                self.settled += len(outcomes)
+            except Exception:  # a lost batch only delays lease expiry; never break the log stream
+                log.exception("could not settle %d request outcomes", len(outcomes))
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def add_to_server(server: grpc.aio.Server, receiver: AccessLogReceiver) -> None:
+    handler = grpc.stream_unary_rpc_method_handler(
+        receiver.stream,
+        request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+        response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"StreamAccessLogs": handler}),)
+    )

@@ -1,0 +1,224 @@
+"""The Redis backend of the counter store: exact limits across processors, one round trip per decision.
+
+Each routing decision is one EVALSHA of RESERVE: it trims the candidates' sliding windows, reads their
+state and admits the request on the first candidate (in the strategy's order) that fits, atomically,
+using Redis' clock so processors on different hosts agree. Finished requests are settled in batches
+(one pipeline per access-log message), off the request path.
+
+All keys of a model group share one hash tag, so the scripts also work on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from .store import WINDOW_S, Candidate, CounterStore, DeploymentState, Outcome, Reservation, SampleSettings
+
+log = logging.getLogger("extproc.redis")
+
+_KEYS_PER_DEPLOYMENT = 5  # window, tokens, leases, latency samples, ttft samples
+
+# KEYS: per candidate (in candidate order) window zset, token sum, lease zset, latency list, ttft list.
+# ARGV: request id, tokens, lease ms, window ms, sample ttl ms, then per candidate rpm and tpm (0 = none),
+#       then the preference order (1-based candidate indexes).
+# Returns: chosen index (0 = none), now (ms), then per candidate rpm_used, tpm_used, in_flight, frees_in_ms,
+#          latency mean, ttft mean (as strings; "" when no sample).
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local request_id, tokens = ARGV[1], tonumber(ARGV[2])
+local lease, window, sample_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = #KEYS / 5
+local rpm_used, tpm_used = {}, {}
+for i = 1, n do
+  local w, tk = KEYS[i*5-4], KEYS[i*5-3]
+  local expired = redis.call('ZRANGEBYSCORE', w, '-inf', now - window)
+  if #expired > 0 then
+    local freed = 0
+    for _, member in ipairs(expired) do
+      freed = freed + tonumber(string.match(member, '|(%-?%d+)$') or '0')
+    end
+    redis.call('ZREMRANGEBYSCORE', w, '-inf', now - window)
+    if freed ~= 0 then redis.call('DECRBY', tk, freed) end
+  end
+  rpm_used[i] = redis.call('ZCARD', w)
+  tpm_used[i] = tonumber(redis.call('GET', tk) or '0')
+end
+local chosen = 0
+for j = 5 + 2 * n + 1, #ARGV do
+  local i = tonumber(ARGV[j])
+  local rpm, tpm = tonumber(ARGV[5 + 2*i - 1]), tonumber(ARGV[5 + 2*i])
+  if (rpm == 0 or rpm_used[i] + 1 <= rpm) and (tpm == 0 or tpm_used[i] + tokens <= tpm) then
+    chosen = i
+    local w, tk, b = KEYS[i*5-4], KEYS[i*5-3], KEYS[i*5-2]
+    redis.call('ZADD', w, now, request_id .. '|' .. tokens)
+    redis.call('INCRBY', tk, tokens)
+    redis.call('PEXPIRE', w, window * 2)
+    redis.call('PEXPIRE', tk, window * 2)
+    redis.call('ZADD', b, now + lease, request_id)
+    redis.call('PEXPIRE', b, lease * 2)
+    rpm_used[i] = rpm_used[i] + 1
+    tpm_used[i] = tpm_used[i] + tokens
+    break
+  end
+end
+local out = {chosen, now}
+for i = 1, n do
+  local w, b, l, f = KEYS[i*5-4], KEYS[i*5-2], KEYS[i*5-1], KEYS[i*5]
+  redis.call('ZREMRANGEBYSCORE', b, '-inf', now)
+  local oldest = redis.call('ZRANGE', w, 0, 0, 'WITHSCORES')
+  local frees_in = 0
+  if #oldest > 0 then frees_in = tonumber(oldest[2]) + window - now end
+  local means = {}
+  for k, key in ipairs({l, f}) do
+    local samples = redis.call('LRANGE', key, 0, -1)
+    local sum, count = 0, 0
+    for _, s in ipairs(samples) do
+      local at, value = string.match(s, '^(%d+):(.+)$')
+      if at and now - tonumber(at) < sample_ttl then
+        sum = sum + tonumber(value)
+        count = count + 1
+      end
+    end
+    means[k] = count > 0 and tostring(sum / count) or ''
+  end
+  table.insert(out, rpm_used[i])
+  table.insert(out, tpm_used[i])
+  table.insert(out, redis.call('ZCARD', b))
+  table.insert(out, frees_in)
+  table.insert(out, means[1])
+  table.insert(out, means[2])
+end
+return out
+"""
+
+# KEYS: window zset, token sum, lease zset, latency list, ttft list of one deployment.
+# ARGV: request id, reserved tokens, actual total tokens (-1 unknown), latency sample ("" none),
+#       ttft sample ("" none), max samples, sample ttl ms.
+SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local request_id, reserved, actual = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREM', KEYS[3], request_id)
+if actual >= 0 and actual ~= reserved then
+  local old = request_id .. '|' .. reserved
+  local admitted = redis.call('ZSCORE', KEYS[1], old)
+  if admitted then
+    redis.call('ZREM', KEYS[1], old)
+    redis.call('ZADD', KEYS[1], admitted, request_id .. '|' .. actual)
+    redis.call('INCRBY', KEYS[2], actual - reserved)
+  end
+end
+local max_samples, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+for k, key in ipairs({KEYS[4], KEYS[5]}) do
+  local value = ARGV[3 + k]
+  if value ~= '' then
+    redis.call('LPUSH', key, now .. ':' .. value)
+    redis.call('LTRIM', key, 0, max_samples - 1)
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return 1
+"""
+
+
+class RedisStore(CounterStore):
+    backend = "redis"
+
+    def __init__(self, url: str, prefix: str = "llm-extproc", samples: SampleSettings | None = None,
+                 max_connections: int = 64) -> None:
+        self._redis: Redis = Redis.from_url(url, max_connections=max_connections, socket_connect_timeout=2,
+                                            socket_timeout=2, health_check_interval=30)
+        self._prefix = prefix
+        self._samples = samples or SampleSettings()
+        self._reserve = self._redis.register_script(RESERVE)
+        self._settle = self._redis.register_script(SETTLE)
+        self._key_cache: dict[tuple[str, str], list[str]] = {}
+
+    def keys(self, group: str, key: str) -> list[str]:
+        cached = self._key_cache.get((group, key))
+        if cached is None:
+            tag = group.replace("{", "(").replace("}", ")")
+            base = f"{self._prefix}:{{{tag}}}"
+            cached = [f"{base}:{kind}:{key}" for kind in ("w", "t", "b", "l", "f")]
+            self._key_cache[(group, key)] = cached
+        return cached
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def reserve(
+        self, group: str, candidates: Sequence[Candidate], order: Sequence[int], request_id: str,
+        tokens: int, lease_s: float,
+    ) -> Reservation:
+        keys: list[str] = []
+        args: list[str | int] = [
+            request_id, tokens, int(lease_s * 1000), int(WINDOW_S * 1000), int(self._samples.ttl_s * 1000)
+        ]
+        for candidate in candidates:
+            keys += self.keys(group, candidate.key)
+            args += [candidate.rpm or 0, candidate.tpm or 0]
+        args += [i + 1 for i in order]
+        reply = await self._reserve(keys=keys, args=args)
+        return _parse_reservation(reply, len(candidates))
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for outcome in outcomes:
+            await self._settle(
+                keys=self.keys(outcome.group, outcome.key),
+                args=[
+                    outcome.request_id, outcome.reserved_tokens,
+                    -1 if outcome.total_tokens is None else outcome.total_tokens,
+                    "" if outcome.latency_s is None else repr(outcome.latency_s),
+                    "" if outcome.ttft_s is None else repr(outcome.ttft_s),
+                    self._samples.max_samples, int(self._samples.ttl_s * 1000),
+                ],
+                client=pipe,
+            )
+        try:
+            await pipe.execute()
+        except NoScriptError:  # Redis restarted and lost its script cache: run them again, now cached
+            await self.settle(outcomes)
+
+    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        # RESERVE with an empty preference order admits nothing and only reports.
+        keys: list[str] = []
+        args: list[str | int] = ["-", 0, 0, int(WINDOW_S * 1000), int(self._samples.ttl_s * 1000)]
+        for candidate in candidates:
+            keys += self.keys(group, candidate.key)
+            args += [candidate.rpm or 0, candidate.tpm or 0]
+        reply = await self._reserve(keys=keys, args=args)
+        return _parse_reservation(reply, len(candidates)).states
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _float_or_none(value: bytes | str) -> float | None:
+    text = value.decode() if isinstance(value, bytes) else value
+    return float(text) if text else None
+
+
+def _parse_reservation(reply: list[object], count: int) -> Reservation:
+    chosen = int(reply[0])  # type: ignore[call-overload]
+    states = []
+    for i in range(count):
+        rpm, tpm, busy, frees_in_ms, latency, ttft = reply[2 + 6 * i : 8 + 6 * i]
+        states.append(
+            DeploymentState(
+                rpm_used=int(rpm),  # type: ignore[call-overload]
+                tpm_used=int(tpm),  # type: ignore[call-overload]
+                in_flight=int(busy),  # type: ignore[call-overload]
+                latency=_float_or_none(latency),  # type: ignore[arg-type]
+                ttft=_float_or_none(ttft),  # type: ignore[arg-type]
+                frees_in_s=max(0.0, int(frees_in_ms) / 1000),  # type: ignore[call-overload]
+            )
+        )
+    return Reservation(chosen - 1 if chosen else None, tuple(states), int(reply[1]) / 1000)  # type: ignore[call-overload]

@@ -1,0 +1,193 @@
+"""The counter store: per-deployment usage windows, in-flight leases and latency samples.
+
+One interface, two backends: in memory (the default; exact within one processor) and Redis (exact across
+any number of processors, one round trip per routing decision; see redis_store.py). Both implement the
+same semantics, tested side by side:
+
+- **Sliding 60 s windows** for rpm and tpm: a request counts against its deployment for exactly the 60 s
+  after it was admitted, so no 60 s interval ever holds more than ``rpm`` requests (fixed calendar
+  minutes, as LiteLLM uses, let up to 2 x rpm through across a minute boundary).
+- **Reservation** is check-and-increment in one atomic step over the candidates in the order the strategy
+  chose: the first that fits gets the request (``rpm_used + 1 <= rpm``: no rpm-1 off-by-one, LiteLLM #8430).
+  The input-token estimate counts against ``tpm`` at once and is replaced by the actual total when the
+  response completes.
+- **In-flight leases** with an expiry, so a request whose end is never reported stops counting after its
+  lease instead of leaking forever.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+WINDOW_S = 60.0
+TIMEOUT_PENALTY_S = 1000.0  # LiteLLM's latency sample for a timed-out call: avoid it until samples age out
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """What the store needs to know about one deployment: its key and its limits (None = no limit)."""
+
+    key: str
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentState:
+    """A snapshot of one deployment, the input of every strategy."""
+
+    rpm_used: int = 0
+    tpm_used: int = 0
+    in_flight: int = 0
+    latency: float | None = None  # mean seconds per output token over the sample window; None: untried
+    ttft: float | None = None  # mean time to first token (streams); None: no sample
+    frees_in_s: float = 0.0  # seconds until the oldest request in the window stops counting
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    chosen: int | None  # index into the candidates, or None when none fits
+    states: tuple[DeploymentState, ...]  # after the reservation, in candidate order
+    admitted_at: float  # the store's clock; identifies the window entry for the token correction
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a routed request ended, reported once (from Envoy's access log) for every request."""
+
+    group: str
+    key: str  # deployment key
+    request_id: str
+    status: int  # the HTTP status the client got (0 when it went away before a response)
+    reserved_tokens: int
+    total_tokens: int | None  # from the response's usage; None when unknown
+    latency_s: float | None  # the latency sample (per output token), or None to record none
+    ttft_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSettings:
+    max_samples: int = 10
+    ttl_s: float = 3600.0
+
+
+class CounterStore(abc.ABC):
+    backend: str = "abstract"
+
+    @abc.abstractmethod
+    async def reserve(
+        self, group: str, candidates: Sequence[Candidate], order: Sequence[int], request_id: str,
+        tokens: int, lease_s: float,
+    ) -> Reservation:
+        """Admit the request on the first candidate in ``order`` that fits its limits."""
+
+    @abc.abstractmethod
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """Record finished requests: end their lease, correct tokens, add latency samples."""
+
+    @abc.abstractmethod
+    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        """A fresh snapshot (for metrics and tests, not the hot path)."""
+
+    async def close(self) -> None:
+        return None
+
+
+def _mean(samples: Sequence[float]) -> float | None:
+    return sum(samples) / len(samples) if samples else None
+
+
+@dataclass(slots=True)
+class _Deployment:
+    window: collections.deque[tuple[float, str, int]] = field(default_factory=collections.deque)
+    tokens_by_request: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    leases: dict[str, float] = field(default_factory=dict)
+    latency: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+    ttft: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+
+
+class MemoryStore(CounterStore):
+    """Per-process counters: exact for one processor, per processor when several run without Redis."""
+
+    backend = "memory"
+
+    def __init__(
+        self, samples: SampleSettings | None = None, clock: collections.abc.Callable[[], float] = time.monotonic
+    ) -> None:
+        self._samples = samples or SampleSettings()
+        self._clock = clock
+        self._deployments: dict[str, _Deployment] = collections.defaultdict(_Deployment)
+
+    def _expire(self, dep: _Deployment, now: float) -> None:
+        horizon = now - WINDOW_S
+        window = dep.window
+        while window and window[0][0] <= horizon:
+            _, request_id, _ = window.popleft()
+            dep.tokens -= dep.tokens_by_request.pop(request_id, 0)
+        if dep.leases:
+            for request_id in [r for r, until in dep.leases.items() if until <= now]:
+                del dep.leases[request_id]
+
+    def _state(self, dep: _Deployment, now: float) -> DeploymentState:
+        oldest = dep.window[0][0] if dep.window else now - WINDOW_S
+        ttl = self._samples.ttl_s
+        return DeploymentState(
+            rpm_used=len(dep.window),
+            tpm_used=dep.tokens,
+            in_flight=len(dep.leases),
+            latency=_mean([s for t, s in dep.latency if now - t < ttl]),
+            ttft=_mean([s for t, s in dep.ttft if now - t < ttl]),
+            frees_in_s=max(0.0, oldest + WINDOW_S - now),
+        )
+
+    async def reserve(
+        self, group: str, candidates: Sequence[Candidate], order: Sequence[int], request_id: str,
+        tokens: int, lease_s: float,
+    ) -> Reservation:
+        now = self._clock()
+        deps = [self._deployments[c.key] for c in candidates]
+        for dep in deps:
+            self._expire(dep, now)
+        chosen = None
+        for index in order:
+            candidate, dep = candidates[index], deps[index]
+            if candidate.rpm is not None and len(dep.window) + 1 > candidate.rpm:
+                continue
+            if candidate.tpm is not None and dep.tokens + tokens > candidate.tpm:
+                continue
+            dep.window.append((now, request_id, tokens))
+            dep.tokens_by_request[request_id] = tokens
+            dep.tokens += tokens
+            dep.leases[request_id] = now + lease_s
+            chosen = index
+            break
+        return Reservation(chosen, tuple(self._state(dep, now) for dep in deps), now)
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        now = self._clock()
+        for outcome in outcomes:
+            dep = self._deployments[outcome.key]
+            dep.leases.pop(outcome.request_id, None)
+            if outcome.total_tokens is not None and outcome.request_id in dep.tokens_by_request:
+                dep.tokens += outcome.total_tokens - dep.tokens_by_request[outcome.request_id]
+                dep.tokens_by_request[outcome.request_id] = outcome.total_tokens
+            for value, series in ((outcome.latency_s, dep.latency), (outcome.ttft_s, dep.ttft)):
+                if value is not None:
+                    series.append((now, value))
+                    while len(series) > self._samples.max_samples:  # keep the newest (LiteLLM freezes the first 9)
+                        series.popleft()
+
+    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        now = self._clock()
+        result = []
+        for candidate in candidates:
+            dep = self._deployments[candidate.key]
+            self._expire(dep, now)
+            result.append(self._state(dep, now))
+        return tuple(result)
+

@@ -1,0 +1,182 @@
+"""The counter store's semantics, the same for the memory and the Redis backend (a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis
+
+from extproc.redis_store import RedisStore
+from extproc.store import WINDOW_S, Candidate, CounterStore, MemoryStore, Outcome, SampleSettings
+
+from .conftest import RedisServer
+
+A = Candidate("dep-a", rpm=3, tpm=None)
+B = Candidate("dep-b", rpm=None, tpm=100)
+SAMPLES = SampleSettings(max_samples=3, ttl_s=3600)
+
+
+def outcome(key: str, request_id: str, reserved: int, total: int | None = None, latency: float | None = None,
+            ttft: float | None = None) -> Outcome:
+    return Outcome("g", key, request_id, 200, reserved, total, latency, ttft)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
+    if request.param == "memory":
+        yield MemoryStore(SAMPLES)
+        return
+    url = request.getfixturevalue("redis_url")
+    redis_store = RedisStore(url, prefix="test", samples=SAMPLES)
+    yield redis_store
+    await redis_store.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def test_rpm_is_exact_and_full_deployments_fall_through(store: CounterStore) -> None:
+    chosen = []
+    for i in range(5):
+        reservation = await store.reserve("g", (A, B), (0, 1), f"r{i}", 10, 30)
+        chosen.append(reservation.chosen)
+    # rpm 3: exactly three on A (not rpm-1), then B takes over
+    assert chosen == [0, 0, 0, 1, 1]
+    states = await store.states("g", (A, B))
+    assert [s.rpm_used for s in states] == [3, 2]
+    assert 58 < states[0].frees_in_s <= WINDOW_S
+
+
+async def test_tpm_checks_the_estimate_and_settles_actual_tokens(store: CounterStore) -> None:
+    assert (await store.reserve("g", (B,), (0,), "r1", 60, 30)).chosen == 0
+    assert (await store.reserve("g", (B,), (0,), "r2", 60, 30)).chosen is None  # 60 + 60 > 100
+    await store.settle([outcome("dep-b", "r1", 60, total=20)])  # actual usage replaces the estimate
+    assert (await store.states("g", (B,)))[0].tpm_used == 20
+    refused = await store.reserve("g", (B,), (0,), "r3", 81, 30)
+    assert refused.chosen is None and refused.states[0].tpm_used == 20
+    assert (await store.reserve("g", (B,), (0,), "r4", 80, 30)).chosen == 0
+    assert (await store.states("g", (B,)))[0].tpm_used == 100
+
+
+async def test_leases_end_on_settle_exactly_once(store: CounterStore) -> None:
+    for i in range(3):
+        await store.reserve("g", (A, B), (1,), f"r{i}", 1, 30)
+    assert (await store.states("g", (A, B)))[1].in_flight == 3
+    await store.settle([outcome("dep-b", "r0", 1), outcome("dep-b", "r0", 1), outcome("dep-b", "r1", 1)])
+    assert (await store.states("g", (A, B)))[1].in_flight == 1
+
+
+async def test_leases_expire_when_the_end_is_never_reported(store: CounterStore) -> None:
+    await store.reserve("g", (B,), (0,), "lost", 1, 0.2)
+    assert (await store.states("g", (B,)))[0].in_flight == 1
+    await asyncio.sleep(0.3)
+    assert (await store.states("g", (B,)))[0].in_flight == 0
+
+
+async def test_latency_window_keeps_the_newest_samples(store: CounterStore) -> None:
+    await store.reserve("g", (A,), (0,), "r", 1, 30)
+    for i, sample in enumerate([9.0, 9.0, 1.0, 2.0, 3.0]):
+        await store.settle([outcome("dep-a", f"x{i}", 1, latency=sample, ttft=sample / 10)])
+    state = (await store.states("g", (A,)))[0]
+    assert state.latency == pytest.approx(2.0)  # LiteLLM would keep the first samples frozen: 9, 9, ...
+    assert state.ttft == pytest.approx(0.2)
+    assert (await store.states("g", (B,)))[0].latency is None
+
+
+async def test_empty_order_admits_nothing(store: CounterStore) -> None:
+    reservation = await store.reserve("g", (A, B), (), "r", 1, 30)
+    assert reservation.chosen is None
+    assert [s.rpm_used for s in reservation.states] == [0, 0]
+
+
+def test_memory_window_slides() -> None:
+    now = [1000.0]
+    store = MemoryStore(SAMPLES, clock=lambda: now[0])
+    for i in range(3):
+        assert run(store.reserve("g", (A,), (0,), f"r{i}", 1, 30)).chosen == 0
+        now[0] += 10
+    assert run(store.reserve("g", (A,), (0,), "r3", 1, 30)).chosen is None
+    assert run(store.states("g", (A,)))[0].frees_in_s == pytest.approx(30)
+    now[0] += 30  # the first request is now 60 s old: one slot frees, not the whole minute
+    assert run(store.reserve("g", (A,), (0,), "r4", 1, 30)).chosen == 0
+    assert run(store.reserve("g", (A,), (0,), "r5", 1, 30)).chosen is None
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+async def test_redis_reserve_is_one_round_trip(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix="rt")
+    await store.reserve("g", (A, B), (0, 1), "warm", 1, 30)  # loads the script once
+    client = redis_server.client()
+    sent: list[tuple[Any, ...]] = []
+    execute: Callable[..., Any] = store._redis.execute_command
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args)
+        return await execute(*args, **kwargs)
+
+    store._redis.execute_command = counting  # type: ignore[method-assign]
+    before = commandstats(client)
+    for i in range(10):
+        await store.reserve("g", (A, B), (1, 0), f"r{i}", 1, 30)
+    after = commandstats(client)
+    # client side: exactly one command per decision
+    assert [args[0] for args in sent] == ["EVALSHA"] * 10
+    # server side: ten EVALSHA; every other command counted ran inside the script
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+    delta.pop("info", None)
+    assert delta.pop("evalsha") == 10
+    inside_script = {"time", "zrangebyscore", "zremrangebyscore", "zcard", "get", "zadd", "incrby", "pexpire",
+                     "zrange", "lrange", "decrby"}
+    assert set(delta) <= inside_script, delta
+    await store.close()
+    client.close()
+
+
+async def test_redis_limits_hold_across_processors(redis_url: str) -> None:
+    """Two stores (two processors) racing: the seed's 2 x rpm 6 admits exactly 12 of 40."""
+    stores = [RedisStore(redis_url, prefix="race") for _ in range(2)]
+    seed = (Candidate("a", 6, None), Candidate("b", 6, None))
+    results = await asyncio.gather(
+        *(stores[i % 2].reserve("gpt-3.5-turbo", seed, (i % 2, 1 - i % 2), f"r{i}", 5, 30) for i in range(40))
+    )
+    chosen = [r.chosen for r in results]
+    assert chosen.count(0) == 6 and chosen.count(1) == 6 and chosen.count(None) == 28
+    for s in stores:
+        await s.close()
+
+
+async def test_redis_keys_share_a_hash_tag_and_prefix(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix="team-a")
+    await store.reserve("gpt-4o", (A,), (0,), "r", 1, 30)
+    client = redis_server.client()
+    keys = sorted(k.decode() for k in client.keys("*"))
+    assert keys and all(k.startswith("team-a:{gpt-4o}:") for k in keys)
+    assert all(client.ttl(k) > 0 for k in keys)  # nothing lives forever
+    await store.close()
+    client.close()
+
+
+async def test_redis_settle_is_one_pipeline(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix="p")
+    for i in range(5):
+        await store.reserve("g", (B,), (0,), f"r{i}", 10, 30)
+    calls: list[int] = []
+    original: Callable[..., Any] = store._redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    store._redis.pipeline = counting_pipeline  # type: ignore[method-assign]
+    await store.settle([outcome("dep-b", f"r{i}", 10, total=1) for i in range(5)])
+    assert calls == [1]
+    assert (await store.states("g", (B,)))[0] .tpm_used == 5
+    await store.close()
