@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast lint bench bench-codec clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,9 @@ test-fast: install  ## unit tests only (milliseconds each)
 lint: install
 	$(VENV)/bin/ruff check extproc tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict bench/codec.py
 
-bench: install  ## side-by-side benchmark (not part of make test)
+bench-codec: install  ## xds-protos vs envoy-data-plane codec cost per request (installs the latter in .bench-venv)
 	$(PY) -m bench.codec
 
 clean:

@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
 from .metrics import Metrics
-from .routing import METADATA_NAMESPACE
-from .store import TIMEOUT_PENALTY_S, CounterStore, Outcome
+from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX
+from .routing import METADATA_NAMESPACE, Router
+from .store import TIMEOUT_PENALTY_S, Outcome
 
 log = logging.getLogger("extproc.accounting")
 
@@ -29,6 +31,18 @@ REQUEST_LOG_NAME = "llm_requests"
 
 def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+def orphan_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> str | None:
+    """The request id of a POST that Envoy ended without our decision (client gone during the decision);
+    None for everything else (routed requests, our own replies, health checks, other routes)."""
+    if METADATA_NAMESPACE in entry.common_properties.metadata.filter_metadata:
+        return None
+    if entry.request.request_method != base_pb2.POST or not entry.request.request_id:
+        return None
+    if entry.response.response_code_details.startswith(PROCESSOR_REPLY_DETAILS_PREFIX):
+        return None  # we answered it ourselves: nothing was reserved
+    return str(entry.request.request_id)
 
 
 def outcome_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome | None:
@@ -77,8 +91,8 @@ def outcome_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome | None:
 class AccessLogReceiver:
     """The gRPC AccessLogService: settles each batch with one store call (one Redis pipeline)."""
 
-    def __init__(self, store: Callable[[], CounterStore], metrics: Metrics) -> None:
-        self._store = store
+    def __init__(self, router: Callable[[], Router], metrics: Metrics) -> None:
+        self._router = router
         self._metrics = metrics
         self.settled = 0
 
@@ -86,12 +100,19 @@ class AccessLogReceiver:
         self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext[Any, Any]
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in requests:
-            outcomes = [o for o in map(outcome_of, message.http_logs.log_entry) if o is not None]
+            entries = message.http_logs.log_entry
+            outcomes = [o for o in map(outcome_of, entries) if o is not None]
+            router = self._router()
+            if len(outcomes) < len(entries):
+                orphans = [r for r in map(orphan_of, entries) if r is not None]
+                if orphans:
+                    self._metrics.abandoned += len(orphans)
+                    router.release_orphans(orphans)
             if not outcomes:
                 continue
             self._metrics.record_outcomes(outcomes)
             try:
-                await self._store().settle(outcomes)
+                await router.store.settle(outcomes)
                 self.settled += len(outcomes)
             except Exception:  # a lost batch only delays lease expiry; never break the log stream
                 log.exception("could not settle %d request outcomes", len(outcomes))

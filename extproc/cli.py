@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=40, help="sample requests to send")
     demo.add_argument("--exit", action="store_true", help="exit after the sample instead of serving")
 
-    mock = sub.add_parser("mock", help="run a mock Azure OpenAI resource")
-    mock.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("mock", help="run a mock Azure OpenAI resource (flags: see `mock --help`)")
     return parser
 
 
@@ -72,6 +71,11 @@ def _stack_arguments(parser: argparse.ArgumentParser, default_config: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mock"]:  # its own flags, passed through unchanged
+        from .mock_azure import main as mock_main
+
+        return mock_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -111,10 +115,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _up(args, demo=False)
     if args.command == "demo":
         return _up(args, demo=True)
-    if args.command == "mock":
-        from .mock_azure import main as mock_main
-
-        return mock_main(args.rest)
     raise AssertionError(args.command)
 
 
@@ -159,7 +159,7 @@ def _start_mocks(stack: Stack) -> list[subprocess.Popen[bytes]]:
     for dep in stack.config.deployments:
         if dep.host == "127.0.0.1" and not dep.tls:
             resources.setdefault((dep.host, dep.port), dep.api_key)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     for (host, port), key in resources.items():
         proc = subprocess.Popen(
             [sys.executable, "-m", "extproc.mock_azure", "--host", host, "--port", str(port),
@@ -167,7 +167,13 @@ def _start_mocks(stack: Stack) -> list[subprocess.Popen[bytes]]:
             stdout=subprocess.PIPE,
         )
         assert proc.stdout is not None
-        print(proc.stdout.readline().decode().strip())
+        line = proc.stdout.readline().decode().strip()
+        if "listening" not in line:
+            proc.wait(5)
+            for started in procs:
+                started.terminate()
+            raise StackError(f"the mock for {host}:{port} did not start (is the port in use?)")
+        print(line)
         procs.append(proc)
     return procs
 

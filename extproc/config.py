@@ -462,9 +462,11 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
 
 
 def _default_id(entry: ModelEntry) -> str:
-    """Deterministic like LiteLLM's hash of the params, but never derived from the api_key."""
+    """Deterministic like LiteLLM's hash of the params. The key enters only through its own digest, so two
+    entries that differ only in their key get different ids and the id reveals nothing about the key."""
     params = entry.litellm_params.model_dump(exclude={"api_key"}, exclude_none=True)
-    digest = hashlib.sha256(orjson.dumps([entry.model_name, params], option=orjson.OPT_SORT_KEYS))
+    key_digest = hashlib.sha256((entry.litellm_params.api_key or "").encode()).hexdigest()
+    digest = hashlib.sha256(orjson.dumps([entry.model_name, params, key_digest], option=orjson.OPT_SORT_KEYS))
     return digest.hexdigest()[:16]
 
 

@@ -134,8 +134,15 @@ def render_bootstrap(config: RouterConfig, options: RenderOptions) -> dict[str, 
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No &anchors/*aliases: every piece must stay copyable into another Envoy config."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render_yaml(document: dict[str, Any]) -> str:
-    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=120)
+    return yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 def _runtime(options: RenderOptions) -> dict[str, Any]:
@@ -185,19 +192,12 @@ def usage_filter() -> dict[str, Any]:
 
 
 def request_access_log(options: RenderOptions) -> dict[str, Any]:
-    """One entry per finished routed request, streamed in batches to the processor (see accounting.py)."""
+    """One entry per finished request, streamed in batches to the processor (see accounting.py).
+
+    Every request, not only routed ones: a POST whose client left while the processor decided has no
+    routing metadata, and its entry is what releases that reservation."""
     return {
         "name": "envoy.access_loggers.http_grpc",
-        # Only requests the processor routed: local replies carry no routing metadata.
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METADATA_NAMESPACE,
-                    "path": [{"key": "request_id"}],
-                    "value": {"present_match": True},
-                }
-            }
-        },
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
@@ -262,7 +262,7 @@ def llm_route(config: RouterConfig) -> dict[str, Any]:
             "cluster_header": CLUSTER_HEADER,
             "timeout": _duration(config.timeout),
             # Streams get no total deadline from the processor; this bounds the silence between chunks.
-            "idle_timeout": _duration(config.timeout),
+            "idle_timeout": _duration(max([config.timeout, *(d.timeout or 0 for d in config.deployments)])),
             "auto_host_rewrite": True,
             "retry_policy": {
                 "retry_on": "reset,connect-failure,retriable-status-codes",
@@ -270,6 +270,8 @@ def llm_route(config: RouterConfig) -> dict[str, Any]:
                 "num_retries": config.num_retries,
             },
         },
+        # Our routing header has done its job once the route is chosen: Azure never sees it.
+        "request_headers_to_remove": [CLUSTER_HEADER],
         "response_headers_to_add": [
             {
                 "header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"},

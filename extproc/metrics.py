@@ -49,6 +49,7 @@ class Metrics:
         self.responses: collections.Counter[tuple[str, str, int]] = collections.Counter()  # (group, id, status)
         self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
         self.decisions = Histogram(DECISION_BUCKETS_S)
+        self.abandoned = 0  # requests whose client left before the routing decision reached Envoy
 
     def record_outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -114,6 +115,8 @@ class Metrics:
                     value = read(state, dep)
                     if value is not None:
                         lines.append(f"{metric}{{{labels[dep.id]}}} {value}")
+        family("llm_abandoned_requests_total", "counter", "Clients gone before the routing decision landed")
+        lines.append(f"llm_abandoned_requests_total {self.abandoned}")
         family("llm_routing_decision_seconds", "histogram", "Processor time per routing decision")
         lines.extend(self.decisions.render("llm_routing_decision_seconds"))
         family("llm_store_backend_info", "gauge", "Which counter store is in use")

@@ -6,6 +6,7 @@ a given Forward never change, so they are serialized once and reused as bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from google.protobuf import struct_pb2
 
 from .errors import Reply
 from .metrics import Metrics
-from .routing import METADATA_NAMESPACE, Flow, Forward, Routed, Router
+from .routing import METADATA_NAMESPACE, Flow, Forward, Router
 
 log = logging.getLogger("extproc.protocol")
 
@@ -115,10 +116,19 @@ class ExternalProcessor:
                 started = time.perf_counter()
                 decision = await router.on_body(flow, request.request_body.body)
                 self.metrics.decisions.observe(time.perf_counter() - started)
-                if isinstance(decision, Routed):
-                    yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
-                else:
+                if isinstance(decision, Reply):
                     yield encode_reply(decision)
+                    return
+                try:
+                    yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
+                    # Wait for Envoy to end the stream. A clean end means it applied the decision and its
+                    # access log will report the request; a reset (the client went away meanwhile) means
+                    # it never will, so the reservation is released here instead of leaking.
+                    async for _ in requests:
+                        pass
+                except (asyncio.CancelledError, GeneratorExit):
+                    router.abandon(decision)
+                    raise
                 return
             else:
                 # Phases we did not ask for (trailers, response side): let them pass unchanged.

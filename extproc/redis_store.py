@@ -10,6 +10,7 @@ All keys of a model group share one hash tag, so the scripts also work on Redis 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -138,6 +139,9 @@ class RedisStore(CounterStore):
         self._reserve = self._redis.register_script(RESERVE)
         self._settle = self._redis.register_script(SETTLE)
         self._key_cache: dict[tuple[str, str], list[str]] = {}
+        # This processor's latest view of each deployment: from every reserve reply, with in-flight counts
+        # lowered as this processor settles requests. Other processors' activity shows at the next reply.
+        self._view: dict[str, DeploymentState] = {}
 
     def keys(self, group: str, key: str) -> list[str]:
         cached = self._key_cache.get((group, key))
@@ -164,11 +168,22 @@ class RedisStore(CounterStore):
             args += [candidate.rpm or 0, candidate.tpm or 0]
         args += [i + 1 for i in order]
         reply = await self._reserve(keys=keys, args=args)
-        return _parse_reservation(reply, len(candidates))
+        reservation = _parse_reservation(reply, len(candidates))
+        for candidate, state in zip(candidates, reservation.states, strict=True):
+            self._view[candidate.key] = state
+        return reservation
+
+    def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        empty = DeploymentState()
+        return tuple(self._view.get(candidate.key, empty) for candidate in candidates)
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
+        for outcome in outcomes:
+            state = self._view.get(outcome.key)
+            if state is not None and state.in_flight > 0:
+                self._view[outcome.key] = dataclasses.replace(state, in_flight=state.in_flight - 1)
         pipe = self._redis.pipeline(transaction=False)
         for outcome in outcomes:
             await self._settle(

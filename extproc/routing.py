@@ -6,6 +6,7 @@ built once per config, so a decision is a JSON parse, a few dict look-ups and on
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import math
@@ -19,7 +20,7 @@ import orjson
 from . import errors
 from .config import Deployment, RouterConfig
 from .errors import Reply
-from .store import Candidate, CounterStore, DeploymentState, MemoryStore, Reservation, SampleSettings
+from .store import Candidate, CounterStore, DeploymentState, MemoryStore, Outcome, Reservation, SampleSettings
 from .strategies import (
     ShuffleWeights,
     order_latency_based,
@@ -43,6 +44,8 @@ _AZURE_PREFIX = "/openai/deployments/"
 _MODELS_PATHS = ("/v1/models", "/models", "/openai/models")
 _LIVELINESS_PATHS = ("/health/liveliness", "/health/liveness")
 _READINESS_PATH = "/health/readiness"
+# Longer than any decision can take: Envoy's ext_proc message timeout (2 s) and the Redis timeout (2 s).
+ORPHAN_RELEASE_DELAY_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ class Flow:
 
     operation: str
     path_model: str | None  # the Azure form names the model in the path; it wins over the body
+    request_id: str  # Envoy's x-request-id: its access log reports it even if our decision never lands
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +97,9 @@ class Router:
         self.rng = rng or random.Random()
         self.cache_backend = self.store.backend
         self._groups = {name: self._plan_group(name, deps) for name, deps in config.groups.items()}
-        # The last snapshot each group's reservation returned: what strategies rank on. It is at most one
-        # decision old; the reservation itself re-checks limits atomically, so staleness never breaks them.
-        self._snapshots: dict[str, tuple[DeploymentState, ...]] = {
-            name: tuple(DeploymentState() for _ in group.deployments) for name, group in self._groups.items()
-        }
-        self._request_ids = (f"{os.urandom(5).hex()}-{n}" for n in itertools.count())
+        prefix = os.urandom(5).hex()  # for requests without x-request-id (Envoy normally sets one)
+        self._request_ids = (f"{prefix}-{n}" for n in itertools.count())
+        self._background: set[asyncio.Task[None]] = set()
         retries = config.num_retries + 1
         self._lease_s = (config.timeout * retries + 30.0, max(config.timeout * retries + 30.0, 3600.0))
         self._master_key = config.master_key.encode() if config.master_key else None
@@ -123,14 +124,15 @@ class Router:
             if method != "GET":
                 return errors.method_not_allowed(method, route, "GET")
             return self._models_reply
-        flow = self._classify(route)
-        if flow is None:
+        classified = self._classify(route)
+        if classified is None:
             return errors.not_found(route)
         if method != "POST":
             return errors.method_not_allowed(method, route, "POST")
         if end_of_stream:
             return errors.body_required()
-        return flow
+        operation, path_model = classified
+        return Flow(operation, path_model, headers.get("x-request-id") or next(self._request_ids))
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         assert self._master_key is not None
@@ -142,14 +144,14 @@ class Router:
         return hmac.compare_digest(presented.encode(), self._master_key)
 
     @staticmethod
-    def _classify(route: str) -> Flow | None:
+    def _classify(route: str) -> tuple[str, str | None] | None:
         operation = _OPENAI_PATHS.get(route)
         if operation is not None:
-            return Flow(operation, None)
+            return operation, None
         if route.startswith(_AZURE_PREFIX):
             model, _, operation = route[len(_AZURE_PREFIX) :].partition("/")
             if model and operation in OPERATIONS:
-                return Flow(operation, model)
+                return operation, model
         return None
 
     # -- body phase ------------------------------------------------------------------------------------
@@ -170,11 +172,19 @@ class Router:
             return errors.unknown_model(model, self.config.public_model_names())
         stream = payload.get("stream") is True
         tokens = estimate_input_tokens(payload, flow.operation)
-        request_id = next(self._request_ids)
-        reservation = await self.store.reserve(
-            group.name, group.candidates, self._order(group, stream), request_id, tokens, self._lease_s[stream]
+        request_id = flow.request_id
+        reserving = asyncio.ensure_future(
+            self.store.reserve(
+                group.name, group.candidates, self._order(group, stream), request_id, tokens, self._lease_s[stream]
+            )
         )
-        self._snapshots[group.name] = reservation.states
+        try:
+            # Shielded: if Envoy drops the stream meanwhile, the reservation still completes, and then
+            # its lease is given back (the request will never reach that deployment).
+            reservation = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(lambda done: self._release_reserved(done, group, request_id, tokens))
+            raise
         if reservation.chosen is None:
             return self._no_capacity(model, group, reservation, tokens)
         forward = group.forwards[flow.operation][stream][reservation.chosen]
@@ -191,11 +201,43 @@ class Router:
         metadata.update(self._rate_headers(group, reservation.states))
         return Routed(forward, metadata)
 
+    def abandon(self, routed: Routed) -> None:
+        """The decision never reached Envoy: end its lease now (settling twice is harmless)."""
+        meta = routed.metadata
+        self._release(str(meta["model_group"]), [str(meta["model_id"])], str(meta["request_id"]), int(meta["tokens"]))
+
+    def _release_reserved(self, done: asyncio.Future[Reservation], group: _Group, request_id: str, tokens: int) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        chosen = done.result().chosen
+        if chosen is not None:
+            self._release(group.name, [group.candidates[chosen].key], request_id, tokens)
+
+    def release_orphans(self, request_ids: list[str]) -> None:
+        """Requests Envoy ended before our decision reached it (the client left meanwhile): the reservation
+        may exist on any deployment, so end the lease wherever it is (rare; only such aborts get here).
+
+        Delayed past Envoy's ext_proc message timeout, so a decision still running cannot reserve after
+        its release."""
+
+        def release() -> None:
+            for group in self._groups.values():
+                for request_id in request_ids:
+                    self._release(group.name, [c.key for c in group.candidates], request_id, 0)
+
+        asyncio.get_running_loop().call_later(ORPHAN_RELEASE_DELAY_S, release)
+
+    def _release(self, group: str, keys: list[str], request_id: str, tokens: int) -> None:
+        outcomes = [Outcome(group, key, request_id, 0, tokens, None, None, None) for key in keys]
+        task = asyncio.get_running_loop().create_task(self.store.settle(outcomes))
+        self._background.add(task)  # keep a reference until done; errors only delay lease expiry
+        task.add_done_callback(self._background.discard)
+
     def _order(self, group: _Group, stream: bool) -> list[int]:
         strategy = self.config.routing_strategy
         if strategy == "simple-shuffle":
             return order_simple_shuffle(len(group.deployments), group.weights, self.rng)
-        states = self._snapshots[group.name]
+        states = self.store.snapshot(group.name, group.candidates)
         if strategy == "least-busy":
             return order_least_busy(states, self.rng)
         if strategy == "usage-based-routing":

@@ -44,7 +44,7 @@ class ProcessorServer:
         self.config = load_config(self.config_path)
         self.store = make_store(self.config)
         self.processor = ExternalProcessor(Router(self.config, self.store), self.metrics)
-        self.access_log = accounting.AccessLogReceiver(lambda: self.processor.router.store, self.metrics)
+        self.access_log = accounting.AccessLogReceiver(lambda: self.processor.router, self.metrics)
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:

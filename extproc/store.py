@@ -90,6 +90,11 @@ class CounterStore(abc.ABC):
         """Record finished requests: end their lease, correct tokens, add latency samples."""
 
     @abc.abstractmethod
+    def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        """The freshest state known without I/O: what strategies rank on (limits are re-checked atomically
+        by ``reserve``, so a slightly old snapshot can change the preference but never break a limit)."""
+
+    @abc.abstractmethod
     async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         """A fresh snapshot (for metrics and tests, not the hot path)."""
 
@@ -182,7 +187,7 @@ class MemoryStore(CounterStore):
                     while len(series) > self._samples.max_samples:  # keep the newest (LiteLLM freezes the first 9)
                         series.popleft()
 
-    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+    def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         now = self._clock()
         result = []
         for candidate in candidates:
@@ -191,3 +196,5 @@ class MemoryStore(CounterStore):
             result.append(self._state(dep, now))
         return tuple(result)
 
+    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        return self.snapshot(group, candidates)

@@ -174,3 +174,10 @@ def test_repr_hides_keys() -> None:
     config = parse_config(MINIMAL + "general_settings: {master_key: sk-top}", environ={})
     assert "ka" not in repr(config.deployments[0]).split("api_base")[0]
     assert "sk-top" not in repr(config)
+
+
+def test_entries_differing_only_in_key_get_distinct_ids() -> None:
+    text = MINIMAL + MINIMAL.split("model_list:")[1].replace("api_key: ka", "api_key: kb")
+    first, second = parse_config(text, environ={}).deployments
+    assert first.id != second.id
+    assert "ka" not in first.id and "kb" not in second.id

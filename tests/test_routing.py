@@ -41,7 +41,7 @@ def decide(router: Router, flow: Flow, raw: bytes) -> Routed | Reply:
 
 
 def body(router: Router, payload: object, flow: Flow | None = None) -> Forward | Reply:
-    decision = decide(router, flow or Flow("chat/completions", None), orjson.dumps(payload))
+    decision = decide(router, flow or Flow("chat/completions", None, "rid"), orjson.dumps(payload))
     return decision.forward if isinstance(decision, Routed) else decision
 
 
@@ -65,7 +65,7 @@ def error_of(reply: Forward | Flow | Reply | Routed) -> tuple[int, str]:
     ],
 )
 def test_classify(router: Router, path: str, operation: str, model: str | None) -> None:
-    assert headers(path=path, router=router) == Flow(operation, model)
+    assert headers(path=path, router=router, **{"x-request-id": "rid-1"}) == Flow(operation, model, "rid-1")
 
 
 def test_forward_plan(router: Router) -> None:
@@ -97,8 +97,8 @@ def test_azure_path_model_wins(router: Router) -> None:
 
 
 def test_bad_inputs(router: Router) -> None:
-    assert error_of(decide(router, Flow("chat/completions", None), b"{not json")) == (400, "invalid_json")
-    assert error_of(decide(router, Flow("chat/completions", None), b"[1, 2]")) == (400, "invalid_json")
+    assert error_of(decide(router, Flow("chat/completions", None, "rid"), b"{not json")) == (400, "invalid_json")
+    assert error_of(decide(router, Flow("chat/completions", None, "rid"), b"[1, 2]")) == (400, "invalid_json")
     assert error_of(body(router, {"messages": []})) == (400, "missing_model")
     assert error_of(body(router, {"model": 5})) == (400, "missing_model")
     status, code = error_of(reply := body(router, {"model": "gpt-5"}))
