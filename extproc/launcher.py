@@ -111,6 +111,7 @@ class Stack:
                      "--host", "127.0.0.1", "--port", str(port),
                      "--metrics-port", str(self.metrics_ports[index])],
                 )
+            self._wait_for_processors(timeout)
             self.envoy_config_path.write_text(render_yaml(render_bootstrap(self.config, self.render_options())))
             envoy_cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
                          "--log-level", self.envoy_log_level]
@@ -133,19 +134,38 @@ class Stack:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._environ())
         self._procs.append((name, proc))
 
+    def _wait_for_processors(self, timeout: float) -> None:
+        """Every processor listening before Envoy starts: Envoy spreads streams over all of them at once."""
+        deadline = time.monotonic() + timeout
+        pending = list(enumerate(self.processor_ports))
+        while pending and time.monotonic() < deadline:
+            index, port = pending[0]
+            self._check_alive(f"processor-{index}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    pending.pop(0)
+            except OSError:
+                time.sleep(0.05)
+        if pending:
+            raise StackError(f"processors not listening after {timeout}s: {pending}")
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         url = f"{self.base_url}/health/readiness"
         while time.monotonic() < deadline:
-            for name, proc in self._procs:
-                if proc.poll() is not None:
-                    raise StackError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            for name, _proc in self._procs:
+                self._check_alive(name)
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
             time.sleep(0.05)
         raise StackError(f"not ready after {timeout}s: {url}\n{self.log_tail('envoy')}")
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.process(name)
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         assert self.run_dir is not None
