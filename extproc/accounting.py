@@ -17,9 +17,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from .cooldown import parse_retry_after
 from .metrics import Metrics
 from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX
-from .routing import METADATA_NAMESPACE, Router
+from .routing import METADATA_NAMESPACE, Attempt, Router
 from .store import TIMEOUT_PENALTY_S, Outcome
 
 log = logging.getLogger("extproc.accounting")
@@ -27,6 +28,7 @@ log = logging.getLogger("extproc.accounting")
 SERVICE_NAME = "envoy.service.accesslog.v3.AccessLogService"
 USAGE_NAMESPACE = "llm_usage"  # written by the Lua usage filter (envoy_render.USAGE_LUA)
 REQUEST_LOG_NAME = "llm_requests"
+ATTEMPT_LOG_NAME = "llm_attempts"  # the router's upstream log: one entry per attempt
 
 
 def _seconds(duration: Any) -> float:
@@ -99,8 +101,15 @@ class AccessLogReceiver:
     async def stream(
         self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext[Any, Any]
     ) -> als_pb2.StreamAccessLogsResponse:
+        log_name = ""
         async for message in requests:
+            log_name = message.identifier.log_name or log_name  # only a stream's first message names it
             entries = message.http_logs.log_entry
+            if log_name == ATTEMPT_LOG_NAME:
+                attempts = [a for a in map(attempt_of, entries) if a is not None]
+                if attempts:
+                    await self._record_attempts(attempts)
+                continue
             outcomes = [o for o in map(outcome_of, entries) if o is not None]
             router = self._router()
             if len(outcomes) < len(entries):
@@ -117,6 +126,38 @@ class AccessLogReceiver:
             except Exception:  # a lost batch only delays lease expiry; never break the log stream
                 log.exception("could not settle %d request outcomes", len(outcomes))
         return als_pb2.StreamAccessLogsResponse()
+
+
+    async def _record_attempts(self, attempts: list[Attempt]) -> None:
+        try:
+            await self._router().record_attempts(attempts)
+        except Exception:  # cooldowns are an optimisation; never break the log stream
+            log.exception("could not record %d attempts", len(attempts))
+
+
+def _upstream_failed(flags: Any) -> bool:
+    return bool(
+        flags.upstream_connection_failure or flags.upstream_remote_reset or flags.upstream_connection_termination
+        or flags.upstream_request_timeout or flags.upstream_protocol_error or flags.stream_idle_timeout
+        or flags.no_healthy_upstream or flags.upstream_overflow
+    )
+
+
+def attempt_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Attempt | None:
+    tags = entry.common_properties.custom_tags
+    key = tags.get("deployment_id", "")
+    if not key or key == "-":
+        return None
+    status = entry.response.response_code.value
+    if status == 0 and not _upstream_failed(entry.common_properties.response_flags):
+        return None  # no response and no upstream fault: the client left, not the deployment's failure
+    retry_after = entry.response.response_headers.get("retry-after")
+    return Attempt(
+        group=tags.get("model_group", ""),
+        key=key,
+        status=status,
+        retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+    )
 
 
 def add_to_server(server: grpc.aio.Server, receiver: AccessLogReceiver) -> None:

@@ -164,6 +164,7 @@ class RouterSettings(_Section):
     redis_key_prefix: str = "llm-extproc"  # ours: lets several installs share one Redis
     allowed_fails: NonNegativeInt = None
     cooldown_time: NonNegativeNumber = None
+    disable_cooldowns: bool = False
     routing_strategy_args: RoutingStrategyArgs = RoutingStrategyArgs()
 
 
@@ -218,7 +219,8 @@ class Deployment:
     timeout: float | None
     stream_timeout: float | None
     cooldown_time: float | None
-    cluster: str  # the Envoy cluster that reaches this deployment
+    cluster: str  # the Envoy cluster whose first choice is this deployment (the others follow as fallbacks)
+    index: int  # position among all deployments: names this deployment's key slot in request metadata
     scheme: str
     host: str
     port: int
@@ -261,6 +263,7 @@ class RouterConfig:
     stream_timeout: float | None
     allowed_fails: int | None
     cooldown_time: float | None
+    disable_cooldowns: bool
     strategy_args: RoutingStrategyArgs
     redis_url: str | None = field(repr=False)
     redis_key_prefix: str
@@ -420,6 +423,7 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
                 stream_timeout=params.stream_timeout,
                 cooldown_time=params.cooldown_time,
                 cluster=cluster,
+                index=len(deployments),
                 scheme=url.scheme,
                 host=url.hostname,
                 port=port,
@@ -451,6 +455,7 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
         stream_timeout=settings.stream_timeout,
         allowed_fails=settings.allowed_fails,
         cooldown_time=settings.cooldown_time,
+        disable_cooldowns=settings.disable_cooldowns,
         strategy_args=settings.routing_strategy_args,
         redis_url=_redis_url(settings),
         redis_key_prefix=settings.redis_key_prefix,

@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
-from .accounting import REQUEST_LOG_NAME, USAGE_NAMESPACE
+from .accounting import ATTEMPT_LOG_NAME, REQUEST_LOG_NAME, USAGE_NAMESPACE
 from .config import Deployment, RouterConfig
 from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX
-from .routing import CLUSTER_HEADER, METADATA_NAMESPACE
+from .routing import CLUSTER_HEADER, ENDPOINT_NAMESPACE, KEYS_NAMESPACE, METADATA_NAMESPACE
 
 PROCESSOR_CLUSTER = "llm_extproc"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -33,17 +33,22 @@ PROCESSOR_CIRCUIT_BREAKERS = {
     "max_retries": 1000000,
 }
 RETRIABLE_STATUS_CODES = [429, 500, 502, 503, 504]
-# Response headers telling the client which deployment served it (LiteLLM's names, so its tooling works).
-RESPONSE_HEADERS = {
-    "x-litellm-model-id": "model_id",
-    "x-litellm-model-group": "model_group",
-    "x-litellm-model-api-base": "api_base",
-    "x-llm-deployment": "deployment",
-    "x-ratelimit-limit-requests": "limit_requests",
-    "x-ratelimit-remaining-requests": "remaining_requests",
-    "x-ratelimit-limit-tokens": "limit_tokens",
-    "x-ratelimit-remaining-tokens": "remaining_tokens",
-}
+def response_headers() -> dict[str, str]:
+    """What the client learns: which deployment served it (the endpoint of the last attempt, so a failover
+    shows), how many attempts it took, and the model group's rate figures. LiteLLM's names where they
+    exist, so its tooling works."""
+    served = {"x-litellm-model-id": "id", "x-llm-deployment": "deployment", "x-litellm-model-api-base": "api_base"}
+    routed = {
+        "x-litellm-model-group": "model_group",
+        "x-ratelimit-limit-requests": "limit_requests",
+        "x-ratelimit-remaining-requests": "remaining_requests",
+        "x-ratelimit-limit-tokens": "limit_tokens",
+        "x-ratelimit-remaining-tokens": "remaining_tokens",
+    }
+    headers = {name: f"%UPSTREAM_METADATA({ENDPOINT_NAMESPACE}:{key})%" for name, key in served.items()}
+    headers |= {name: f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%" for name, key in routed.items()}
+    headers["x-llm-attempts"] = "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
+    return headers
 
 
 # Reads token usage from responses as they stream through, without buffering or delaying them: the
@@ -175,7 +180,7 @@ def http_connection_manager(config: RouterConfig, options: RenderOptions) -> dic
             "codec_type": "AUTO",
             "local_reply_config": local_reply_config(),
             "route_config": route_config(config),
-            "http_filters": [ext_proc_filter(options), usage_filter(), router_filter()],
+            "http_filters": [ext_proc_filter(options), usage_filter(), router_filter(options)],
             "access_log": [request_access_log(options)],
         },
     }
@@ -213,10 +218,40 @@ def request_access_log(options: RenderOptions) -> dict[str, Any]:
     }
 
 
-def router_filter() -> dict[str, Any]:
+def router_filter(options: RenderOptions) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            "upstream_log": [attempt_access_log(options)],
+        },
+    }
+
+
+def attempt_access_log(options: RenderOptions) -> dict[str, Any]:
+    """One entry per upstream attempt (a failover makes several per request): which deployment answered
+    what, with its Retry-After, so the processor can start cooldowns on every replica."""
+
+    def host_tag(tag: str, field: str) -> dict[str, Any]:
+        return {
+            "tag": tag,
+            "metadata": {"kind": {"host": {}}, "metadata_key": {"key": ENDPOINT_NAMESPACE, "path": [{"key": field}]}},
+        }
+
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": ATTEMPT_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
+                "buffer_flush_interval": f"{options.access_log_flush_ms / 1000:.3f}s",
+                "buffer_size_bytes": 16384,
+                "custom_tags": [host_tag("deployment_id", "id"), host_tag("model_group", "model_group")],
+            },
+            "additional_response_headers_to_log": ["retry-after"],
+        },
     }
 
 
@@ -240,7 +275,7 @@ def ext_proc_filter(options: RenderOptions) -> dict[str, Any]:
             "max_message_timeout": "10s",
             # The processor sets x-envoy-max-retries / x-envoy-upstream-rq-timeout-ms per deployment.
             "mutation_rules": {"allow_envoy": True},
-            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE, KEYS_NAMESPACE]}},
             "status_on_error": {"code": "ServiceUnavailable"},
         },
     }
@@ -265,19 +300,28 @@ def llm_route(config: RouterConfig) -> dict[str, Any]:
             "idle_timeout": _duration(max([config.timeout, *(d.timeout or 0 for d in config.deployments)])),
             "auto_host_rewrite": True,
             "retry_policy": {
-                "retry_on": "reset,connect-failure,retriable-status-codes",
+                "retry_on": "reset,connect-failure,refused-stream,retriable-status-codes",
                 "retriable_status_codes": RETRIABLE_STATUS_CODES,
                 "num_retries": config.num_retries,
+                # Each retry moves to the next priority: the next deployment of the group (LiteLLM re-picks a
+                # deployment on every try), starting over when all were tried.
+                "retry_priority": {
+                    "name": "envoy.retry_priorities.previous_priorities",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
+                        ".PreviousPrioritiesConfig",
+                        "update_frequency": 1,
+                    },
+                },
+                # Another deployment is tried at once (LiteLLM sleeps 0 s when the group has others).
+                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
             },
         },
         # Our routing header has done its job once the route is chosen: Azure never sees it.
         "request_headers_to_remove": [CLUSTER_HEADER],
         "response_headers_to_add": [
-            {
-                "header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-            for name, key in RESPONSE_HEADERS.items()
+            {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for name, value in response_headers().items()
         ],
     }
 
@@ -354,55 +398,140 @@ def processor_cluster(options: RenderOptions) -> dict[str, Any]:
 
 
 def upstream_clusters(config: RouterConfig, options: RenderOptions) -> list[dict[str, Any]]:
-    return [deployment_cluster(dep, options) for dep in config.deployments]
+    return [
+        failover_cluster(dep, config.groups[dep.model_name], options) for dep in config.deployments
+    ]
 
 
-def deployment_cluster(dep: Deployment, options: RenderOptions) -> dict[str, Any]:
+def failover_cluster(primary: Deployment, group: tuple[Deployment, ...], options: RenderOptions) -> dict[str, Any]:
+    """The cluster the processor picks for ``primary``: it at priority 0, the group's other deployments at
+    priorities 1, 2, ... in config order, so Envoy's retries (previous_priorities) fail over inside the
+    same client request. Upstream filters rewrite path, api-key and Host for whichever endpoint each
+    attempt lands on."""
+    ordered = [primary, *(dep for dep in group if dep is not primary)]
     cluster: dict[str, Any] = {
-        "name": dep.cluster,
-        "type": "STATIC" if dep.host_is_ip else "LOGICAL_DNS",
+        "name": primary.cluster,
+        "type": "STATIC" if all(dep.host_is_ip for dep in ordered) else "STRICT_DNS",
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
         "circuit_breakers": {"thresholds": [UPSTREAM_CIRCUIT_BREAKERS]},
-        "typed_extension_protocol_options": _protocol_options({"http_protocol_options": {}}),
+        "typed_extension_protocol_options": _protocol_options(
+            {"http_protocol_options": {}}, http_filters=attempt_filters()
+        ),
         "load_assignment": {
-            "cluster_name": dep.cluster,
+            "cluster_name": primary.cluster,
             "endpoints": [
-                {
-                    "lb_endpoints": [
-                        # hostname feeds auto_host_rewrite: Azure routes on the Host header.
-                        {"endpoint": {"address": _socket(dep.host, dep.port), "hostname": dep.authority}}
-                    ]
-                }
+                {"priority": priority, "lb_endpoints": [_endpoint(dep)]} for priority, dep in enumerate(ordered)
             ],
         },
     }
-    if not dep.host_is_ip:
+    if not all(dep.host_is_ip for dep in ordered):
         cluster["dns_lookup_family"] = "V4_PREFERRED"
-    if dep.tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": dep.host,
-                "common_tls_context": {
-                    "validation_context": {
-                        "trusted_ca": {"filename": options.ca_bundle},
-                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": dep.host}}],
-                    }
-                },
-            },
-        }
+    if any(dep.tls for dep in ordered):
+        cluster["transport_socket_matches"] = [
+            {"name": "tls", "match": {"tls": True}, "transport_socket": _upstream_tls(options)}
+        ]
     return cluster
 
 
-def _protocol_options(explicit: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": explicit,
+def _endpoint(dep: Deployment) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        ENDPOINT_NAMESPACE: {
+            "id": dep.id,
+            "model_group": dep.model_name,
+            "deployment": dep.deployment,
+            "api_base": dep.api_base,
+            "prefix": f"{dep.base_path}/openai/deployments/{dep.deployment}/",
+            "query": f"?api-version={dep.api_version}",
+            "key": f"key_{dep.index}",
         }
     }
+    if dep.tls:
+        metadata["envoy.transport_socket_match"] = {"tls": True}
+    return {
+        # hostname feeds auto_host_rewrite (Azure routes on Host) and, for TLS, SNI and SAN checks.
+        "endpoint": {"address": _socket(dep.host, dep.port), "hostname": dep.host if dep.tls else dep.authority},
+        "metadata": {"filter_metadata": metadata},
+    }
+
+
+def _upstream_tls(options: RenderOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            # One cluster reaches several Azure resources: SNI and the certificate check follow the endpoint.
+            "auto_host_sni": True,
+            "auto_sni_san_validation": True,
+            "common_tls_context": {"validation_context": {"trusted_ca": {"filename": options.ca_bundle}}},
+        },
+    }
+
+
+# Runs once per attempt, after Envoy picked the endpoint: the attempt's path and api-key come from that
+# endpoint's metadata (copied into helper headers by header_mutation) and the request's key slots, which
+# the processor sends as dynamic metadata, so no key is ever written into Envoy's configuration.
+ATTEMPT_LUA = """
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local prefix = headers:get("x-llm-attempt-prefix")
+  local routed = handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__")
+  if prefix ~= nil and prefix ~= "" and routed ~= nil then
+    headers:replace(":path", prefix .. routed["operation"] .. headers:get("x-llm-attempt-query"))
+    local keys = handle:streamInfo():dynamicMetadata():get("__KEYS_NS__")
+    local key = keys and keys[headers:get("x-llm-attempt-key")]
+    if key ~= nil then headers:replace("api-key", key) end
+  end
+  headers:remove("x-llm-attempt-prefix")
+  headers:remove("x-llm-attempt-query")
+  headers:remove("x-llm-attempt-key")
+end
+""".replace("__ROUTED_NS__", METADATA_NAMESPACE).replace("__KEYS_NS__", KEYS_NAMESPACE)
+
+
+def attempt_filters() -> list[dict[str, Any]]:
+    def copy(header: str, field: str) -> dict[str, Any]:
+        value = f"%UPSTREAM_METADATA({ENDPOINT_NAMESPACE}:{field})%"
+        return {"append": {"header": {"key": header, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+
+    return [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {
+                    "request_mutations": [
+                        copy("x-llm-attempt-prefix", "prefix"),
+                        copy("x-llm-attempt-query", "query"),
+                        copy("x-llm-attempt-key", "key"),
+                    ]
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": ATTEMPT_LUA},
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
+def _protocol_options(explicit: dict[str, Any], http_filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": explicit,
+    }
+    if http_filters:
+        options["http_filters"] = http_filters
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
 
 
 def _duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 
 from .errors import Reply
 from .metrics import Metrics
-from .routing import METADATA_NAMESPACE, Flow, Forward, Router
+from .routing import KEYS_NAMESPACE, METADATA_NAMESPACE, Flow, Forward, Router
 
 log = logging.getLogger("extproc.protocol")
 
@@ -39,7 +39,10 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def encode_forward(forward: Forward) -> bytes:
     """The part of a body response that is the same for every request sent to this deployment."""
+    keys = struct_pb2.Struct()
+    keys.update({KEYS_NAMESPACE: dict(forward.keys)})
     response = pb.ProcessingResponse(
+        dynamic_metadata=keys,
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(

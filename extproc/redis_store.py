@@ -17,26 +17,29 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from .cooldown import Failure
 from .store import WINDOW_S, Candidate, CounterStore, DeploymentState, Outcome, Reservation, SampleSettings
 
 log = logging.getLogger("extproc.redis")
 
-_KEYS_PER_DEPLOYMENT = 5  # window, tokens, leases, latency samples, ttft samples
+_KINDS = ("w", "t", "b", "l", "f", "c", "x")  # window, tokens, leases, latency, ttft, cooldown, failures
 
-# KEYS: per candidate (in candidate order) window zset, token sum, lease zset, latency list, ttft list.
+# KEYS: per candidate (in candidate order) window zset, token sum, lease zset, latency list, ttft list,
+#       cooldown marker, failure counter (7 each).
 # ARGV: request id, tokens, lease ms, window ms, sample ttl ms, then per candidate rpm and tpm (0 = none),
 #       then the preference order (1-based candidate indexes).
 # Returns: chosen index (0 = none), now (ms), then per candidate rpm_used, tpm_used, in_flight, frees_in_ms,
-#          latency mean, ttft mean (as strings; "" when no sample).
+#          latency mean, ttft mean (as strings; "" when no sample), cooldown ms left.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local request_id, tokens = ARGV[1], tonumber(ARGV[2])
 local lease, window, sample_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local n = #KEYS / 5
-local rpm_used, tpm_used = {}, {}
+local n = #KEYS / 7
+local rpm_used, tpm_used, cooling = {}, {}, {}
 for i = 1, n do
-  local w, tk = KEYS[i*5-4], KEYS[i*5-3]
+  local w, tk = KEYS[i*7-6], KEYS[i*7-5]
+  cooling[i] = math.max(0, redis.call('PTTL', KEYS[i*7-1]))
   local expired = redis.call('ZRANGEBYSCORE', w, '-inf', now - window)
   if #expired > 0 then
     local freed = 0
@@ -53,9 +56,9 @@ local chosen = 0
 for j = 5 + 2 * n + 1, #ARGV do
   local i = tonumber(ARGV[j])
   local rpm, tpm = tonumber(ARGV[5 + 2*i - 1]), tonumber(ARGV[5 + 2*i])
-  if (rpm == 0 or rpm_used[i] + 1 <= rpm) and (tpm == 0 or tpm_used[i] + tokens <= tpm) then
+  if cooling[i] == 0 and (rpm == 0 or rpm_used[i] + 1 <= rpm) and (tpm == 0 or tpm_used[i] + tokens <= tpm) then
     chosen = i
-    local w, tk, b = KEYS[i*5-4], KEYS[i*5-3], KEYS[i*5-2]
+    local w, tk, b = KEYS[i*7-6], KEYS[i*7-5], KEYS[i*7-4]
     redis.call('ZADD', w, now, request_id .. '|' .. tokens)
     redis.call('INCRBY', tk, tokens)
     redis.call('PEXPIRE', w, window * 2)
@@ -69,7 +72,7 @@ for j = 5 + 2 * n + 1, #ARGV do
 end
 local out = {chosen, now}
 for i = 1, n do
-  local w, b, l, f = KEYS[i*5-4], KEYS[i*5-2], KEYS[i*5-1], KEYS[i*5]
+  local w, b, l, f = KEYS[i*7-6], KEYS[i*7-4], KEYS[i*7-3], KEYS[i*7-2]
   redis.call('ZREMRANGEBYSCORE', b, '-inf', now)
   local oldest = redis.call('ZRANGE', w, 0, 0, 'WITHSCORES')
   local frees_in = 0
@@ -93,11 +96,12 @@ for i = 1, n do
   table.insert(out, frees_in)
   table.insert(out, means[1])
   table.insert(out, means[2])
+  table.insert(out, cooling[i])
 end
 return out
 """
 
-# KEYS: window zset, token sum, lease zset, latency list, ttft list of one deployment.
+# KEYS: window zset, token sum, lease zset, latency list, ttft list (the first five keys of a deployment).
 # ARGV: request id, reserved tokens, actual total tokens (-1 unknown), latency sample ("" none),
 #       ttft sample ("" none), max samples, sample ttl ms.
 SETTLE = """
@@ -126,6 +130,19 @@ end
 return 1
 """
 
+# KEYS: cooldown marker, failure counter of one deployment.
+# ARGV: cooldown ms, immediate (1/0), allowed fails.
+FAIL = """
+local cooldown, immediate, allowed = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+local fails = redis.call('INCR', KEYS[2])
+if fails == 1 then redis.call('PEXPIRE', KEYS[2], cooldown) end
+if immediate or fails > allowed then
+  -- extend, never shorten (LiteLLM #40130 keeps the first, shorter deadline)
+  if redis.call('PTTL', KEYS[1]) < cooldown then redis.call('SET', KEYS[1], '1', 'PX', cooldown) end
+end
+return fails
+"""
+
 
 class RedisStore(CounterStore):
     backend = "redis"
@@ -138,6 +155,7 @@ class RedisStore(CounterStore):
         self._samples = samples or SampleSettings()
         self._reserve = self._redis.register_script(RESERVE)
         self._settle = self._redis.register_script(SETTLE)
+        self._fail = self._redis.register_script(FAIL)
         self._key_cache: dict[tuple[str, str], list[str]] = {}
         # This processor's latest view of each deployment: from every reserve reply, with in-flight counts
         # lowered as this processor settles requests. Other processors' activity shows at the next reply.
@@ -148,7 +166,7 @@ class RedisStore(CounterStore):
         if cached is None:
             tag = group.replace("{", "(").replace("}", ")")
             base = f"{self._prefix}:{{{tag}}}"
-            cached = [f"{base}:{kind}:{key}" for kind in ("w", "t", "b", "l", "f")]
+            cached = [f"{base}:{kind}:{key}" for kind in _KINDS]
             self._key_cache[(group, key)] = cached
         return cached
 
@@ -187,7 +205,7 @@ class RedisStore(CounterStore):
         pipe = self._redis.pipeline(transaction=False)
         for outcome in outcomes:
             await self._settle(
-                keys=self.keys(outcome.group, outcome.key),
+                keys=self.keys(outcome.group, outcome.key)[:5],
                 args=[
                     outcome.request_id, outcome.reserved_tokens,
                     -1 if outcome.total_tokens is None else outcome.total_tokens,
@@ -201,6 +219,18 @@ class RedisStore(CounterStore):
             await pipe.execute()
         except NoScriptError:  # Redis restarted and lost its script cache: run them again, now cached
             await self.settle(outcomes)
+
+    async def record_failures(self, failures: Sequence[tuple[str, str, Failure]]) -> None:
+        if not failures:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for group, key, failure in failures:
+            await self._fail(
+                keys=self.keys(group, key)[5:],
+                args=[max(1, int(failure.cooldown_s * 1000)), int(failure.immediate), failure.allowed_fails],
+                client=pipe,
+            )
+        await pipe.execute()
 
     async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         # RESERVE with an empty preference order admits nothing and only reports.
@@ -225,7 +255,7 @@ def _parse_reservation(reply: list[object], count: int) -> Reservation:
     chosen = int(reply[0])  # type: ignore[call-overload]
     states = []
     for i in range(count):
-        rpm, tpm, busy, frees_in_ms, latency, ttft = reply[2 + 6 * i : 8 + 6 * i]
+        rpm, tpm, busy, frees_in_ms, latency, ttft, cooling_ms = reply[2 + 7 * i : 9 + 7 * i]
         states.append(
             DeploymentState(
                 rpm_used=int(rpm),  # type: ignore[call-overload]
@@ -234,6 +264,7 @@ def _parse_reservation(reply: list[object], count: int) -> Reservation:
                 latency=_float_or_none(latency),  # type: ignore[arg-type]
                 ttft=_float_or_none(ttft),  # type: ignore[arg-type]
                 frees_in_s=max(0.0, int(frees_in_ms) / 1000),  # type: ignore[call-overload]
+                cooldown_s=int(cooling_ms) / 1000,  # type: ignore[call-overload]
             )
         )
     return Reservation(chosen - 1 if chosen else None, tuple(states), int(reply[1]) / 1000)  # type: ignore[call-overload]

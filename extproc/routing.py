@@ -19,6 +19,7 @@ import orjson
 
 from . import errors
 from .config import Deployment, RouterConfig
+from .cooldown import failure_for
 from .errors import Reply
 from .store import Candidate, CounterStore, DeploymentState, MemoryStore, Outcome, Reservation, SampleSettings
 from .strategies import (
@@ -34,7 +35,9 @@ from .tokens import estimate_input_tokens
 __version__ = "0.1.0"
 
 CLUSTER_HEADER = "x-llm-cluster"
-METADATA_NAMESPACE = "llm"
+METADATA_NAMESPACE = "llm"  # per-request routing facts (dynamic metadata)
+KEYS_NAMESPACE = "llm_keys"  # the group's api-keys by slot, per request: keys never sit in Envoy's config
+ENDPOINT_NAMESPACE = "llm"  # per-endpoint facts in the rendered clusters (host metadata)
 
 OPERATIONS = ("chat/completions", "completions", "embeddings")
 _OPENAI_PATHS = {
@@ -64,6 +67,7 @@ class Forward:
     deployment: Deployment
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
+    keys: tuple[tuple[str, str], ...]  # key slot -> api-key for every deployment an attempt may reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,16 @@ class Routed:
 
     forward: Forward
     metadata: dict[str, str | int | float | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One upstream attempt as Envoy's upstream log reports it (status 0: no response, e.g. a reset)."""
+
+    group: str
+    key: str
+    status: int
+    retry_after_s: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +117,7 @@ class Router:
         retries = config.num_retries + 1
         self._lease_s = (config.timeout * retries + 30.0, max(config.timeout * retries + 30.0, 3600.0))
         self._master_key = config.master_key.encode() if config.master_key else None
+        self._deployments_by_id = {dep.id: dep for dep in config.deployments}
         self._models_reply = errors.json_reply(200, self._model_list(), "models")
 
     def groups(self) -> Mapping[str, _Group]:
@@ -191,6 +206,7 @@ class Router:
         dep = forward.deployment
         metadata: dict[str, str | int | float | bool] = {
             "request_id": request_id,
+            "operation": flow.operation,
             "model_id": dep.id,
             "model_group": group.name,
             "deployment": dep.deployment,
@@ -212,6 +228,24 @@ class Router:
         chosen = done.result().chosen
         if chosen is not None:
             self._release(group.name, [group.candidates[chosen].key], request_id, tokens)
+
+    async def record_attempts(self, attempts: list[Attempt]) -> None:
+        """Failed attempts count toward cooldowns, in the store, so every replica skips the deployment."""
+        if self.config.disable_cooldowns:
+            return
+        failures = []
+        for attempt in attempts:
+            dep = self._deployments_by_id.get(attempt.key)
+            if dep is None:
+                continue  # from a config this processor no longer serves
+            failure = failure_for(
+                attempt.status, attempt.retry_after_s, len(self.config.groups[dep.model_name]),
+                dep.cooldown_time, self.config.cooldown_time, self.config.allowed_fails,
+            )
+            if failure is not None:
+                failures.append((dep.model_name, dep.id, failure))
+        if failures:
+            await self.store.record_failures(failures)
 
     def release_orphans(self, request_ids: list[str]) -> None:
         """Requests Envoy ended before our decision reached it (the client left meanwhile): the reservation
@@ -261,22 +295,26 @@ class Router:
         return headers
 
     def _no_capacity(self, model: str, group: _Group, reservation: Reservation, tokens: int) -> Reply:
-        """429 naming each deployment's usage vs limit, with Retry-After until the first window frees."""
-        details = {}
+        """429 naming each deployment's usage vs limit and cooldown, with Retry-After until the first
+        deployment can take a request again (its cooldown ends, or its window frees)."""
+        details: dict[str, dict[str, object]] = {}
         waits = []
         for dep, state in zip(group.deployments, reservation.states, strict=True):
             details[dep.id] = {
                 "current_rpm": state.rpm_used, "rpm_limit": dep.rpm,
                 "current_tpm": state.tpm_used, "tpm_limit": dep.tpm,
             }
-            waits.append(state.frees_in_s)
+            if state.cooldown_s > 0:
+                details[dep.id]["cooldown_seconds_left"] = round(state.cooldown_s, 1)
+            waits.append(state.cooldown_s if state.cooldown_s > 0 else state.frees_in_s)
         retry_after = max(1, math.ceil(min(waits)))
         headers = [("retry-after", str(retry_after))]
         for name, value in self._rate_headers(group, reservation.states).items():
             headers.append((f"x-ratelimit-{name.replace('_', '-')}", str(value)))
         message = (
             f"No deployments available for selected model: every deployment of model group '{group.name}' "
-            f"(requested model '{model}') is at its rpm/tpm limit for a request of ~{tokens} input tokens. "
+            f"(requested model '{model}') is cooling down or at its rpm/tpm limit for a request of ~{tokens} "
+            "input tokens. "
             f"Try again in {retry_after} seconds. Deployments={orjson.dumps(details).decode()}"
         )
         return errors.error_reply(429, message, "rate_limit_error", "rate_limit_exceeded", headers=tuple(headers))
@@ -284,10 +322,11 @@ class Router:
     # -- built once per config -------------------------------------------------------------------------
 
     def _plan_group(self, name: str, deployments: tuple[Deployment, ...]) -> _Group:
+        keys = tuple((f"key_{dep.index}", dep.api_key) for dep in deployments)
         forwards = {
             op: (
-                tuple(self._forward(dep, op, stream=False) for dep in deployments),
-                tuple(self._forward(dep, op, stream=True) for dep in deployments),
+                tuple(self._forward(dep, keys, stream=False) for dep in deployments),
+                tuple(self._forward(dep, keys, stream=True) for dep in deployments),
             )
             for op in OPERATIONS
         }
@@ -297,8 +336,9 @@ class Router:
             rpm_limit=sum(dep.rpm or 0 for dep in deployments), tpm_limit=sum(dep.tpm or 0 for dep in deployments),
         )
 
-    def _forward(self, dep: Deployment, operation: str, stream: bool) -> Forward:
-        path = f"{dep.base_path}/openai/deployments/{dep.deployment}/{operation}?api-version={dep.api_version}"
+    def _forward(self, dep: Deployment, keys: tuple[tuple[str, str], ...], stream: bool) -> Forward:
+        """Path, api-key and Host are set per attempt by the cluster's upstream filters (each retry may reach
+        another deployment); the processor names the first choice and hands over the group's keys."""
         if stream:
             # A stream may run longer than `timeout`; the route's idle timeout bounds the gaps instead
             # (what LiteLLM's httpx read timeout does).
@@ -309,11 +349,11 @@ class Router:
             deployment=dep,
             set_headers=(
                 (CLUSTER_HEADER, dep.cluster),
-                (":path", path),
-                ("api-key", dep.api_key),
                 ("x-envoy-upstream-rq-timeout-ms", str(timeout_ms)),
             ),
-            remove_headers=("authorization",),
+            # The client's credentials never reach a deployment.
+            remove_headers=("authorization", "api-key"),
+            keys=keys,
         )
 
     def _model_list(self) -> dict[str, object]:

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .cooldown import Failure
+
 WINDOW_S = 60.0
 TIMEOUT_PENALTY_S = 1000.0  # LiteLLM's latency sample for a timed-out call: avoid it until samples age out
 
@@ -46,6 +48,7 @@ class DeploymentState:
     latency: float | None = None  # mean seconds per output token over the sample window; None: untried
     ttft: float | None = None  # mean time to first token (streams); None: no sample
     frees_in_s: float = 0.0  # seconds until the oldest request in the window stops counting
+    cooldown_s: float = 0.0  # seconds of cooldown left (skipped by every strategy until then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,10 @@ class CounterStore(abc.ABC):
         """Record finished requests: end their lease, correct tokens, add latency samples."""
 
     @abc.abstractmethod
+    async def record_failures(self, failures: Sequence[tuple[str, str, Failure]]) -> None:
+        """Count failed attempts (group, key, failure); start or extend cooldowns they call for."""
+
+    @abc.abstractmethod
     def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         """The freshest state known without I/O: what strategies rank on (limits are re-checked atomically
         by ``reserve``, so a slightly old snapshot can change the preference but never break a limit)."""
@@ -114,6 +121,8 @@ class _Deployment:
     leases: dict[str, float] = field(default_factory=dict)
     latency: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
     ttft: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+    cooldown_until: float = 0.0
+    failures: collections.deque[float] = field(default_factory=collections.deque)
 
 
 class MemoryStore(CounterStore):
@@ -148,6 +157,7 @@ class MemoryStore(CounterStore):
             latency=_mean([s for t, s in dep.latency if now - t < ttl]),
             ttft=_mean([s for t, s in dep.ttft if now - t < ttl]),
             frees_in_s=max(0.0, oldest + WINDOW_S - now),
+            cooldown_s=max(0.0, dep.cooldown_until - now),
         )
 
     async def reserve(
@@ -161,6 +171,8 @@ class MemoryStore(CounterStore):
         chosen = None
         for index in order:
             candidate, dep = candidates[index], deps[index]
+            if dep.cooldown_until > now:
+                continue
             if candidate.rpm is not None and len(dep.window) + 1 > candidate.rpm:
                 continue
             if candidate.tpm is not None and dep.tokens + tokens > candidate.tpm:
@@ -186,6 +198,17 @@ class MemoryStore(CounterStore):
                     series.append((now, value))
                     while len(series) > self._samples.max_samples:  # keep the newest (LiteLLM freezes the first 9)
                         series.popleft()
+
+    async def record_failures(self, failures: Sequence[tuple[str, str, Failure]]) -> None:
+        now = self._clock()
+        for _group, key, failure in failures:
+            dep = self._deployments[key]
+            dep.failures.append(now)
+            while dep.failures and dep.failures[0] <= now - failure.cooldown_s:
+                dep.failures.popleft()  # LiteLLM counts fails within the cooldown period
+            if failure.immediate or len(dep.failures) > failure.allowed_fails:
+                # extend, never shorten (LiteLLM #40130 keeps the first, shorter deadline)
+                dep.cooldown_until = max(dep.cooldown_until, now + failure.cooldown_s)
 
     def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         now = self._clock()

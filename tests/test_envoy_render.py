@@ -48,14 +48,31 @@ def test_tls_clusters_verify_against_system_cas() -> None:
     doc = render_bootstrap(config, RenderOptions())
     dep = config.deployments[1]
     cluster = clusters(doc)[dep.cluster]
-    tls = cluster["transport_socket"]["typed_config"]
-    assert tls["sni"] == "my-endpoint-canada-berri992.openai.azure.com"
+    match = cluster["transport_socket_matches"][0]
+    assert match["match"] == {"tls": True}
+    tls = match["transport_socket"]["typed_config"]
+    # SNI and SAN check follow the endpoint each attempt lands on (one cluster reaches several resources)
+    assert tls["auto_host_sni"] is True and tls["auto_sni_san_validation"] is True
     validation = tls["common_tls_context"]["validation_context"]
     assert validation["trusted_ca"]["filename"] == "/etc/ssl/certs/ca-certificates.crt"
-    assert validation["match_typed_subject_alt_names"][0]["matcher"]["exact"] == dep.host
-    assert cluster["type"] == "LOGICAL_DNS"
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert endpoint["address"]["socket_address"] == {"address": dep.host, "port_value": 443}
+    assert cluster["type"] == "STRICT_DNS"
+    first = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert first["endpoint"]["address"]["socket_address"] == {"address": dep.host, "port_value": 443}
+    assert first["endpoint"]["hostname"] == "my-endpoint-canada-berri992.openai.azure.com"
+    assert first["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tls": True}
+
+
+def test_failover_clusters_put_the_primary_first_and_never_hold_keys() -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    doc = render_bootstrap(config, RenderOptions())
+    a, b = config.deployments
+    for primary, other in ((a, b), (b, a)):
+        endpoints = clusters(doc)[primary.cluster]["load_assignment"]["endpoints"]
+        assert [e["priority"] for e in endpoints] == [0, 1]
+        ids = [e["lb_endpoints"][0]["metadata"]["filter_metadata"]["llm"]["id"] for e in endpoints]
+        assert ids == [primary.id, other.id]
+    text = render_yaml(doc)
+    assert SEED_ENV["AZURE_API_KEY_A"] not in text.replace("key_", "") and "key-b" not in text
 
 
 def test_plain_http_for_local_endpoints() -> None:

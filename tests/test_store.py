@@ -133,7 +133,7 @@ async def test_redis_reserve_is_one_round_trip(redis_server: RedisServer, redis_
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
     delta.pop("info", None)
     assert delta.pop("evalsha") == 10
-    inside_script = {"time", "zrangebyscore", "zremrangebyscore", "zcard", "get", "zadd", "incrby", "pexpire",
+    inside_script = {"time", "zrangebyscore", "zremrangebyscore", "zcard", "get", "zadd", "incrby", "pexpire", "pttl",
                      "zrange", "lrange", "decrby"}
     assert set(delta) <= inside_script, delta
     await store.close()
@@ -180,3 +180,28 @@ async def test_redis_settle_is_one_pipeline(redis_url: str) -> None:
     assert calls == [1]
     assert (await store.states("g", (B,)))[0] .tpm_used == 5
     await store.close()
+
+
+async def test_cooldown_skips_a_deployment_then_lets_it_back(store: CounterStore) -> None:
+    from extproc.cooldown import Failure
+
+    await store.record_failures([("g", "dep-a", Failure(cooldown_s=0.4, immediate=True, allowed_fails=3))])
+    reservation = await store.reserve("g", (A, B), (0, 1), "r1", 1, 30)
+    assert reservation.chosen == 1  # A is cooling: every strategy's first choice falls through to B
+    assert 0.2 < reservation.states[0].cooldown_s <= 0.4
+    refused = await store.reserve("g", (A,), (0,), "r2", 1, 30)
+    assert refused.chosen is None
+    await asyncio.sleep(0.45)
+    assert (await store.reserve("g", (A, B), (0, 1), "r3", 1, 30)).chosen == 0
+
+
+async def test_cooldown_after_allowed_fails_and_never_shortened(store: CounterStore) -> None:
+    from extproc.cooldown import Failure
+
+    soft = Failure(cooldown_s=5.0, immediate=False, allowed_fails=2)
+    await store.record_failures([("g", "dep-b", soft), ("g", "dep-b", soft)])
+    assert (await store.states("g", (B,)))[0].cooldown_s == 0  # two fails allowed
+    await store.record_failures([("g", "dep-b", soft)])
+    assert 4 < (await store.states("g", (B,)))[0].cooldown_s <= 5
+    await store.record_failures([("g", "dep-b", Failure(cooldown_s=1.0, immediate=True, allowed_fails=2))])
+    assert (await store.states("g", (B,)))[0].cooldown_s > 4  # a shorter cooldown does not cut it short
