@@ -339,18 +339,20 @@ class Router:
     def _forward(self, dep: Deployment, keys: tuple[tuple[str, str], ...], stream: bool) -> Forward:
         """Path, api-key and Host are set per attempt by the cluster's upstream filters (each retry may reach
         another deployment); the processor names the first choice and hands over the group's keys."""
+        headers = [(CLUSTER_HEADER, dep.cluster)]
         if stream:
             # A stream may run longer than `timeout`; the route's idle timeout bounds the gaps instead
-            # (what LiteLLM's httpx read timeout does).
-            timeout_ms = 0
+            # (what LiteLLM's httpx read timeout does). stream_timeout bounds each attempt's wait for the
+            # response to start, and a deployment that misses it fails over to the next.
+            headers.append(("x-envoy-upstream-rq-timeout-ms", "0"))
+            stream_timeout = dep.stream_timeout or self.config.stream_timeout
+            if stream_timeout:
+                headers.append(("x-envoy-upstream-rq-per-try-timeout-ms", str(round(stream_timeout * 1000))))
         else:
-            timeout_ms = round((dep.timeout or self.config.timeout) * 1000)
+            headers.append(("x-envoy-upstream-rq-timeout-ms", str(round((dep.timeout or self.config.timeout) * 1000))))
         return Forward(
             deployment=dep,
-            set_headers=(
-                (CLUSTER_HEADER, dep.cluster),
-                ("x-envoy-upstream-rq-timeout-ms", str(timeout_ms)),
-            ),
+            set_headers=tuple(headers),
             # The client's credentials never reach a deployment.
             remove_headers=("authorization", "api-key"),
             keys=keys,

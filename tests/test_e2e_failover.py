@@ -157,3 +157,27 @@ def test_cooldown_is_shared_by_processor_replicas(
     assert set(served) == {"dep-b"}, served
     assert stack.metric("llm_routing_decision_seconds_count", index=0) > 0
     assert stack.metric("llm_routing_decision_seconds_count", index=1) > 0
+
+
+def test_stream_timeout_bounds_time_to_first_byte_not_the_stream(
+    mock_factory: MockFactory, stack_factory: StackFactory
+) -> None:
+    a, b = mock_factory("key-a", "a"), mock_factory("key-b", "b")
+    stack = stack_factory(config(a.base, b.base, "  stream_timeout: 1\n  disable_cooldowns: true\n",
+                                 a_extra="weight: 1000000"))
+    body = {**CHAT, "stream": True}
+
+    def stream() -> tuple[httpx.Response, bytes, float]:
+        started = time.monotonic()
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+            data = response.read()
+        return response, data, time.monotonic() - started
+
+    a.fault("*", Fault(delay=5))  # A never starts within stream_timeout: the attempt fails over to B
+    response, data, elapsed = stream()
+    assert response.status_code == 200 and response.headers["x-llm-deployment"] == "dep-b"
+    assert data.endswith(b"data: [DONE]\n\n") and 1.0 <= elapsed < 2.5
+    a.fault("*", Fault(chunk_delay=0.4))  # A starts at once and streams slowly: longer than stream_timeout
+    response, data, elapsed = stream()
+    assert response.status_code == 200 and response.headers["x-llm-deployment"] == "dep-a"
+    assert data.endswith(b"data: [DONE]\n\n") and elapsed > 1.5
