@@ -32,7 +32,7 @@ PROCESSOR_CIRCUIT_BREAKERS = {
     "max_requests": 1000000,
     "max_retries": 1000000,
 }
-RETRIABLE_STATUS_CODES = [429, 500, 502, 503, 504]
+RETRIABLE_STATUS_CODES = [408, 429, 500, 502, 503, 504]
 def response_headers() -> dict[str, str]:
     """What the client learns: which deployment served it (the endpoint of the last attempt, so a failover
     shows), how many attempts it took, and the model group's rate figures. LiteLLM's names where they

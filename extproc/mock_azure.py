@@ -93,6 +93,7 @@ class Fault:
     reset: bool = False  # abort the TCP connection (RST) without answering
     count: int | None = None  # apply to the next `count` requests only (None = until cleared)
     chunk_delay: float | None = None  # streams: seconds between SSE events
+    reset_after_events: int | None = None  # streams: abort the connection (RST) after this many events
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RecordedRequest:
     deployment: str | None
     status: int  # status answered; 0 = no answer (hang / pending), -1 = connection reset
     received_at: float  # time.monotonic() when the request head was read
+    response_body: bytes = b""  # the body bytes sent (for streams: the SSE events, without chunk framing)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -215,7 +217,7 @@ def _fault_from_json(data: Any) -> Fault:
             ok = isinstance(value, bool)
         elif name == "delay":
             ok = is_num and value >= 0
-        elif name in ("status", "count"):
+        elif name in ("status", "count", "reset_after_events"):
             ok = value is None or (is_int and value >= 0)
         else:  # retry_after, chunk_delay
             ok = value is None or (is_num and value >= 0)
@@ -403,7 +405,8 @@ class MockAzureServer:
                 return req.keep_alive
             chunk_delay = fault.chunk_delay or 0.0
 
-        return await self._api(req, rec, writer, deployment, operation, chunk_delay)
+        reset_after = fault.reset_after_events if fault is not None else None
+        return await self._api(req, rec, writer, deployment, operation, chunk_delay, reset_after)
 
     def _record(self, rec: RecordedRequest) -> None:
         self.requests.append(rec)
@@ -675,6 +678,7 @@ class MockAzureServer:
         deployment: str,
         operation: str,
         chunk_delay: float,
+        reset_after: int | None = None,
     ) -> bool:
         keep = req.keep_alive
 
@@ -683,6 +687,7 @@ class MockAzureServer:
             if headers is None:
                 headers = [("apim-request-id", str(uuid.uuid4()))]
             r = _Reply(status, body, headers)
+            rec.response_body = body
             if status == 405:
                 r.headers.append(("allow", "POST"))
             await self._send(writer, r, keep_alive=keep, deployment=deployment)
@@ -766,8 +771,7 @@ class MockAzureServer:
                     rid, created, deployment, words, finish, n_prompts, usage, include_usage
                 )
             rec.status = 200
-            await self._stream(writer, events, rate, keep, deployment, chunk_delay)
-            return keep
+            return await self._stream(writer, events, rate, keep, deployment, chunk_delay, rec, reset_after)
 
         if chat:
             payload: dict[str, Any] = {
@@ -919,8 +923,10 @@ class MockAzureServer:
         keep_alive: bool,
         deployment: str,
         chunk_delay: float,
-    ) -> None:
-        """Send SSE events as individual HTTP chunks, each flushed, `chunk_delay` apart."""
+        rec: RecordedRequest,
+        reset_after: int | None,
+    ) -> bool:
+        """Send SSE events as individual HTTP chunks, each flushed, `chunk_delay` apart. Returns keep-alive."""
         head = self._head(
             200, "text/event-stream", [("cache-control", "no-cache"), *headers], keep_alive, deployment, None
         )
@@ -928,11 +934,17 @@ class MockAzureServer:
         for i, data in enumerate([*events, b"[DONE]"]):
             if i and chunk_delay > 0:
                 await asyncio.sleep(chunk_delay)
+            if reset_after is not None and i >= reset_after:
+                rec.status = -1
+                self._reset(writer)
+                return False
             event = b"data: " + data + b"\n\n"
+            rec.response_body += event
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        return keep_alive
 
 
 def _vector(key: bytes, dims: int) -> list[float]:
