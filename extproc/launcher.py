@@ -104,13 +104,8 @@ class Stack:
 
     def start(self, timeout: float = 30.0) -> Stack:
         try:
-            for index, port in enumerate(self.processor_ports):
-                self._spawn(
-                    f"processor-{index}",
-                    [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path),
-                     "--host", "127.0.0.1", "--port", str(port),
-                     "--metrics-port", str(self.metrics_ports[index])],
-                )
+            for index in range(len(self.processor_ports)):
+                self.start_processor(index)
             self._wait_for_processors(timeout)
             self.envoy_config_path.write_text(render_yaml(render_bootstrap(self.config, self.render_options())))
             envoy_cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
@@ -123,6 +118,16 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def start_processor(self, index: int) -> None:
+        """Start (or restart, after it died) processor ``index`` on its port."""
+        self._procs = [(name, proc) for name, proc in self._procs if name != f"processor-{index}"]
+        self._spawn(
+            f"processor-{index}",
+            [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path),
+             "--host", "127.0.0.1", "--port", str(self.processor_ports[index]),
+             "--metrics-port", str(self.metrics_ports[index])],
+        )
 
     def _spawn(self, name: str, cmd: list[str], force_file: bool = False) -> None:
         assert self.run_dir is not None

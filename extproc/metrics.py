@@ -100,6 +100,10 @@ class Metrics:
                 "tpm limit minus tokens in the window (deployments with a tpm limit)",
                 lambda s, d: None if d.tpm is None else max(0, d.tpm - s.tpm_used),
             ),
+            "litellm_deployment_cooled_down": (
+                "1 while the deployment is in cooldown", lambda s, d: int(s.cooldown_s > 0),
+            ),
+            "llm_deployment_cooldown_seconds": ("Seconds of cooldown left", lambda s, d: s.cooldown_s),
             "litellm_deployment_latency_per_output_token": (
                 "Mean seconds per output token over the latency sample window",
                 lambda s, d: s.latency,
@@ -121,6 +125,8 @@ class Metrics:
         lines.extend(self.decisions.render("llm_routing_decision_seconds"))
         family("llm_store_backend_info", "gauge", "Which counter store is in use")
         lines.append(f'llm_store_backend_info{{backend="{router.store.backend}"}} 1')
+        family("llm_store_degraded", "gauge", "1 while the shared store is unreachable and counting is per processor")
+        lines.append(f"llm_store_degraded {int(getattr(router.store, 'degraded', False))}")
         return "\n".join(lines) + "\n"
 
 

@@ -149,8 +149,10 @@ class RedisStore(CounterStore):
 
     def __init__(self, url: str, prefix: str = "llm-extproc", samples: SampleSettings | None = None,
                  max_connections: int = 64) -> None:
-        self._redis: Redis = Redis.from_url(url, max_connections=max_connections, socket_connect_timeout=2,
-                                            socket_timeout=2, health_check_interval=30)
+        # Short timeouts: a decision normally takes a few ms, and an unreachable Redis must fall back to
+        # local counting well within Envoy's ext_proc message timeout (2 s).
+        self._redis: Redis = Redis.from_url(url, max_connections=max_connections, socket_connect_timeout=0.5,
+                                            socket_timeout=0.5, health_check_interval=30)
         self._prefix = prefix
         self._samples = samples or SampleSettings()
         self._reserve = self._redis.register_script(RESERVE)

@@ -14,7 +14,7 @@ from .config import ConfigError, RouterConfig, load_config, redis_endpoint_for_d
 from .metrics import Metrics, serve_metrics
 from .protocol import ExternalProcessor, add_to_server
 from .routing import Router, samples_of
-from .store import CounterStore, MemoryStore
+from .store import CounterStore, FallbackStore, MemoryStore
 
 log = logging.getLogger("extproc.server")
 
@@ -104,9 +104,12 @@ class ProcessorServer:
 
 def make_store(config: RouterConfig) -> CounterStore:
     if config.redis_url:
+        from redis.exceptions import RedisError
+
         from .redis_store import RedisStore
 
-        return RedisStore(config.redis_url, prefix=config.redis_key_prefix, samples=samples_of(config))
+        redis = RedisStore(config.redis_url, prefix=config.redis_key_prefix, samples=samples_of(config))
+        return FallbackStore(redis, MemoryStore(samples_of(config)), errors=(RedisError, OSError, TimeoutError))
     return MemoryStore(samples_of(config))
 
 

@@ -221,3 +221,86 @@ class MemoryStore(CounterStore):
 
     async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         return self.snapshot(group, candidates)
+
+
+class FallbackStore(CounterStore):
+    """Redis when it answers, this processor's own counters while it does not.
+
+    A Redis outage must not fail requests: decisions fall back to per-processor counting (logged once,
+    visible as a metric) and Redis is tried again every ``retry_s``; shared counting resumes by itself.
+    """
+
+    def __init__(self, primary: CounterStore, fallback: CounterStore, errors: tuple[type[BaseException], ...],
+                 retry_s: float = 1.0, clock: collections.abc.Callable[[], float] = time.monotonic) -> None:
+        import logging
+
+        self.primary = primary
+        self.fallback = fallback
+        self.backend = primary.backend
+        self._errors = errors
+        self._retry_s = retry_s
+        self._clock = clock
+        self._down_until = 0.0
+        self.degraded = False
+        self._log = logging.getLogger("extproc.store")
+
+    def _use_primary(self) -> bool:
+        return not self.degraded or self._clock() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self.degraded:
+            self._log.error("%s store unavailable (%s): counting per processor until it is back",
+                            self.primary.backend, type(exc).__name__)
+        self.degraded = True
+        self._down_until = self._clock() + self._retry_s
+
+    def _recovered(self) -> None:
+        if self.degraded:
+            self._log.warning("%s store is back: shared counting resumed", self.primary.backend)
+        self.degraded = False
+
+    async def reserve(
+        self, group: str, candidates: Sequence[Candidate], order: Sequence[int], request_id: str,
+        tokens: int, lease_s: float,
+    ) -> Reservation:
+        if self._use_primary():
+            try:
+                reservation = await self.primary.reserve(group, candidates, order, request_id, tokens, lease_s)
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+                return reservation
+        return await self.fallback.reserve(group, candidates, order, request_id, tokens, lease_s)
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        await self.fallback.settle(outcomes)  # harmless where nothing was reserved: ends leases, adds samples
+        if self._use_primary():
+            try:
+                await self.primary.settle(outcomes)
+            except self._errors as exc:
+                self._failed(exc)
+
+    async def record_failures(self, failures: Sequence[tuple[str, str, Failure]]) -> None:
+        await self.fallback.record_failures(failures)
+        if self._use_primary():
+            try:
+                await self.primary.record_failures(failures)
+            except self._errors as exc:
+                self._failed(exc)
+
+    def snapshot(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        store = self.fallback if self.degraded else self.primary
+        return store.snapshot(group, candidates)
+
+    async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
+        if self._use_primary():
+            try:
+                return await self.primary.states(group, candidates)
+            except self._errors as exc:
+                self._failed(exc)
+        return await self.fallback.states(group, candidates)
+
+    async def close(self) -> None:
+        await self.primary.close()
+        await self.fallback.close()

@@ -110,7 +110,7 @@ def fault(**kwargs: Any) -> Fault:
 class RedisServer:
     """A real redis-server on a free loopback port, no persistence."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         import shutil
         import socket
         import subprocess
@@ -121,7 +121,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
         self.proc = subprocess.Popen(
