@@ -57,6 +57,7 @@ class Stack:
     processors: int = 1
     run_dir: Path | None = None
     envoy_log_level: str = "warn"
+    processor_log_level: str = "INFO"
     envoy_concurrency: int | None = None
     env: dict[str, str] | None = None
     inherit_output: bool = False  # `up` shows processor logs on the terminal; tests keep them in files
@@ -124,7 +125,8 @@ class Stack:
         self._procs = [(name, proc) for name, proc in self._procs if name != f"processor-{index}"]
         self._spawn(
             f"processor-{index}",
-            [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path),
+            [sys.executable, "-m", "extproc", "--log-level", self.processor_log_level, "serve",
+             "--config", str(self.config_path),
              "--host", "127.0.0.1", "--port", str(self.processor_ports[index]),
              "--metrics-port", str(self.metrics_ports[index])],
         )
