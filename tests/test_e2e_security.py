@@ -110,8 +110,8 @@ bodies = st.one_of(
     ).map(lambda v: __import__("orjson").dumps(v)),
 )
 paths = st.one_of(
-    st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/openai/deployments/x/chat/completions",
-                     "/v1/models", "/health/readiness"]),
+    st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "/v1/completions",
+                     "/openai/deployments/x/chat/completions", "/v1/models", "/health/readiness"]),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/-_.%~", max_size=40).map(lambda p: "/" + p),
 )
 # what a client library can send: printable ASCII without surrounding blanks
