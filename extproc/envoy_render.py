@@ -122,21 +122,38 @@ class RenderOptions:
     processors: tuple[tuple[str, int], ...] = (("127.0.0.1", 50051),)
     processor_dns: bool = False  # processors named by DNS (compose, Kubernetes) instead of IP literals
     message_timeout_s: float = 2.0
+    dynamic_clusters: bool = True  # deployment clusters over CDS from the processor; False: in the file
     access_log_flush_ms: int = 20
     ca_bundle: str = SYSTEM_CA_BUNDLE
     extra_runtime: dict[str, Any] = field(default_factory=dict)
 
 
 def render_bootstrap(config: RouterConfig, options: RenderOptions) -> dict[str, Any]:
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {"id": "llm-extproc", "cluster": "llm-extproc"},
         "admin": {"address": _socket(options.admin_address, options.admin_port)},
         "layered_runtime": {"layers": [{"name": "static", "static_layer": _runtime(options)}]},
         "static_resources": {
             "listeners": [listener(config, options)],
-            "clusters": [processor_cluster(options), *upstream_clusters(config, options)],
+            "clusters": [processor_cluster(options)],
         },
     }
+    if options.dynamic_clusters:
+        # The processor serves the deployment clusters (xds.py), so a reload needs no Envoy restart.
+        bootstrap["dynamic_resources"] = {
+            "cds_config": {
+                "resource_api_version": "V3",
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}}],
+                    "set_node_on_first_message_only": True,
+                },
+            }
+        }
+    else:
+        bootstrap["static_resources"]["clusters"] += upstream_clusters(config, options)
+    return bootstrap
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -536,3 +553,156 @@ def _protocol_options(explicit: dict[str, Any], http_filters: list[dict[str, Any
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets other than the local stack: docker compose (and Kubernetes, which reuses it) and the pieces an
+# existing Envoy needs (`render-envoy --target snippet`).
+
+COMPOSE_PROCESSOR = ("processor", 50051)  # the compose service name and the port `serve` listens on
+LLM_ROUTE_NAME = "llm"
+# In a shared connection manager the LLM pieces act on the LLM route only: its filters are disabled by default
+# and enabled by the route, and its logs and error bodies are filtered on the route's name.
+SNIPPET_EXT_PROC_FILTER = "llm.ext_proc"
+SNIPPET_USAGE_FILTER = "llm.usage"
+SNIPPET_USAGE_SOURCE = "llm_usage"  # the Lua source the LLM route names
+ON_LLM_ROUTE = f"xds.route_name == '{LLM_ROUTE_NAME}'"
+SNIPPET_KEYS = (
+    "http_filters",
+    "router_upstream_log",
+    "access_log",
+    "route",
+    "clusters",
+    "runtime",
+    "listener_buffer_limit_bytes",
+    "local_reply_config",
+)
+
+
+def compose_options(
+    listen_port: int = 10000,
+    admin_port: int = 9901,
+    processors: tuple[tuple[str, int], ...] = (COMPOSE_PROCESSOR,),
+    listen_address: str = "0.0.0.0",
+) -> RenderOptions:
+    """A containerised Envoy: the listener on every interface (the container's port is what gets published),
+    the admin on loopback only, processors named by DNS (a compose service, a Kubernetes headless Service)."""
+    return RenderOptions(
+        listen_address=listen_address,
+        listen_port=listen_port,
+        admin_address="127.0.0.1",
+        admin_port=admin_port,
+        processors=processors,
+        processor_dns=needs_dns(processors),
+    )
+
+
+def needs_dns(processors: tuple[tuple[str, int], ...]) -> bool:
+    """STRICT_DNS when any processor is named by a hostname (STATIC clusters take IP literals only)."""
+    import ipaddress
+
+    for host, _port in processors:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return True
+    return False
+
+
+def _cel_filter(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _on_llm_route(access_log: dict[str, Any]) -> dict[str, Any]:
+    return {**access_log, "filter": _cel_filter(ON_LLM_ROUTE)}
+
+
+def snippet_http_filters(options: RenderOptions) -> list[dict[str, Any]]:
+    """ext_proc and the Lua usage filter under names of their own, disabled unless a route enables them, so
+    other routes never reach the processor and an existing ext_proc or Lua filter is not confused with them."""
+    usage = {
+        "name": SNIPPET_USAGE_FILTER,
+        "disabled": True,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "source_codes": {SNIPPET_USAGE_SOURCE: {"inline_string": USAGE_LUA}},
+        },
+    }
+    ext_proc = {
+        "name": SNIPPET_EXT_PROC_FILTER,
+        "disabled": True,
+        "typed_config": ext_proc_filter(options)["typed_config"],
+    }
+    return [ext_proc, usage]
+
+
+def snippet_route(config: RouterConfig) -> dict[str, Any]:
+    """The LLM route, enabling the snippet's filters for itself."""
+
+    def enable(per_route: dict[str, Any]) -> dict[str, Any]:
+        return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": per_route}
+
+    route = llm_route(config)
+    route["typed_per_filter_config"] = {
+        SNIPPET_EXT_PROC_FILTER: enable(
+            {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "overrides": {}}
+        ),
+        SNIPPET_USAGE_FILTER: enable(
+            {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+             "name": SNIPPET_USAGE_SOURCE}
+        ),
+    }
+    return route
+
+
+def snippet_local_reply_config() -> dict[str, Any]:
+    """local_reply_config applies to every route of a connection manager (a direct_response is a local reply
+    too): each mapper is narrowed to the LLM route, so other routes keep their own bodies."""
+    mappers = []
+    for mapper in local_reply_config()["mappers"]:
+        narrowed = {"and_filter": {"filters": [_cel_filter(ON_LLM_ROUTE), mapper["filter"]]}}
+        mappers.append({**mapper, "filter": narrowed})
+    return {"mappers": mappers}
+
+
+def render_snippet(config: RouterConfig, options: RenderOptions) -> dict[str, Any]:
+    """What an existing Envoy needs, by where it goes (docs/deploy.md shows a merged bootstrap)."""
+    snippet = {
+        "http_filters": snippet_http_filters(options),
+        "router_upstream_log": [_on_llm_route(attempt_access_log(options))],
+        "access_log": [_on_llm_route(request_access_log(options))],
+        "route": snippet_route(config),
+        "clusters": [processor_cluster(options), *upstream_clusters(config, options)],
+        "runtime": _runtime(options),
+        "listener_buffer_limit_bytes": config.max_request_bytes,
+        "local_reply_config": snippet_local_reply_config(),
+    }
+    assert tuple(snippet) == SNIPPET_KEYS
+    return snippet
+
+
+SNIPPET_HEADER = """\
+# Envoy pieces for llm-extproc, to merge into an existing Envoy (see docs/deploy.md):
+#   http_filters                 -> the HTTP connection manager's http_filters, before the router (both are
+#                                   disabled by default; the LLM route enables them)
+#   router_upstream_log          -> append to the router filter's upstream_log
+#   access_log                   -> append to the HTTP connection manager's access_log
+#   route                        -> a virtual host's routes, after your own (it matches every path; keep its name)
+#   clusters                     -> static_resources.clusters (processor cluster, one cluster per deployment)
+#   runtime                      -> a static layer of layered_runtime
+#   listener_buffer_limit_bytes  -> the listener's per_connection_buffer_limit_bytes (at least this)
+#   local_reply_config           -> the HTTP connection manager's local_reply_config (narrowed to the LLM route)
+# Cluster names come from deployment ids: run the processor with the same config file.
+"""
+
+
+def render_snippet_yaml(config: RouterConfig, options: RenderOptions) -> str:
+    return SNIPPET_HEADER + render_yaml(render_snippet(config, options))

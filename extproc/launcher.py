@@ -108,21 +108,39 @@ class Stack:
             for index in range(len(self.processor_ports)):
                 self.start_processor(index)
             self._wait_for_processors(timeout)
-            self.envoy_config_path.write_text(render_yaml(render_bootstrap(self.config, self.render_options())))
-            envoy_cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
-                         "--log-level", self.envoy_log_level]
-            if self.envoy_concurrency:
-                envoy_cmd += ["--concurrency", str(self.envoy_concurrency)]
-            self._spawn("envoy", envoy_cmd, force_file=True)
+            self._start_envoy(self.config)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_envoy(self, config: RouterConfig) -> None:
+        self.envoy_config_path.write_text(render_yaml(render_bootstrap(config, self.render_options())))
+        cmd = [envoy_binary(), "-c", str(self.envoy_config_path), "--disable-hot-restart",
+               "--log-level", self.envoy_log_level]
+        if self.envoy_concurrency:
+            cmd += ["--concurrency", str(self.envoy_concurrency)]
+        self._spawn("envoy", cmd, force_file=True)
+
+    def reload(self, timeout: float = 30.0) -> RouterConfig:
+        """Apply the edited config file: every processor reloads it (SIGHUP) and serves Envoy the new clusters
+        over CDS, no restart. A config that does not load raises ConfigError; everything keeps serving."""
+        new = load_config(self.config_path, environ=self._environ())
+        target = [self.metric("llm_config_generation", index=i) + 1 for i in range(len(self.processor_ports))]
+        for index in range(len(self.processor_ports)):
+            self.process(f"processor-{index}").send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        for index, generation in enumerate(target):
+            while self.metric("llm_config_generation", index=index) < generation:
+                if time.monotonic() > deadline:
+                    raise StackError(f"processor-{index} did not reload:\n{self.log_tail(f'processor-{index}')}")
+                time.sleep(0.05)
+        self.config = new
+        return new
+
     def start_processor(self, index: int) -> None:
         """Start (or restart, after it died) processor ``index`` on its port."""
-        self._procs = [(name, proc) for name, proc in self._procs if name != f"processor-{index}"]
         self._spawn(
             f"processor-{index}",
             [sys.executable, "-m", "extproc", "--log-level", self.processor_log_level, "serve",
@@ -133,6 +151,7 @@ class Stack:
 
     def _spawn(self, name: str, cmd: list[str], force_file: bool = False) -> None:
         assert self.run_dir is not None
+        self._procs = [(n, p) for n, p in self._procs if n != name]
         if self.inherit_output and not force_file:
             proc = subprocess.Popen(cmd, env=self._environ())
         else:
@@ -205,11 +224,12 @@ class Stack:
 
     def stop(self, timeout: float = 10.0) -> None:
         # Envoy first, so no new requests reach processors that are going away.
-        for _name, proc in reversed(self._procs):
+        procs = [proc for _name, proc in reversed(self._procs)]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for _name, proc in self._procs:
+        for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -50,6 +50,8 @@ class Metrics:
         self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
         self.decisions = Histogram(DECISION_BUCKETS_S)
         self.abandoned = 0  # requests whose client left before the routing decision reached Envoy
+        self.generation = 0  # successful config reloads since start
+        self.rejected_reloads = 0
 
     def record_outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -119,6 +121,10 @@ class Metrics:
                     value = read(state, dep)
                     if value is not None:
                         lines.append(f"{metric}{{{labels[dep.id]}}} {value}")
+        family("llm_config_generation", "gauge", "Config reloads applied since the processor started")
+        lines.append(f"llm_config_generation {self.generation}")
+        family("llm_config_reloads_rejected_total", "counter", "Reloads refused because the new config is invalid")
+        lines.append(f"llm_config_reloads_rejected_total {self.rejected_reloads}")
         family("llm_abandoned_requests_total", "counter", "Clients gone before the routing decision landed")
         lines.append(f"llm_abandoned_requests_total {self.abandoned}")
         family("llm_routing_decision_seconds", "histogram", "Processor time per routing decision")

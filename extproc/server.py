@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from . import accounting
+from . import accounting, xds
 from .config import ConfigError, RouterConfig, load_config, redis_endpoint_for_display
 from .metrics import Metrics, serve_metrics
 from .protocol import ExternalProcessor, add_to_server
@@ -18,7 +18,10 @@ from .store import CounterStore, FallbackStore, MemoryStore
 
 log = logging.getLogger("extproc.server")
 
-GRPC_HEADROOM_BYTES = 1 << 20  # room for headers and framing beyond the largest accepted body
+GRPC_HEADROOM_BYTES = 1 << 20
+# How long a reload waits between publishing the clusters and routing to them. Envoy applies a CDS update in
+# milliseconds; the margin covers processors that do not hold Envoy's CDS stream and cannot see its ack.
+CLUSTER_SETTLE_S = 1.0  # room for headers and framing beyond the largest accepted body
 
 
 def grpc_options(config: RouterConfig) -> list[tuple[str, int]]:
@@ -45,12 +48,14 @@ class ProcessorServer:
         self.store = make_store(self.config)
         self.processor = ExternalProcessor(Router(self.config, self.store), self.metrics)
         self.access_log = accounting.AccessLogReceiver(lambda: self.processor.router, self.metrics)
+        self.discovery = xds.ClusterDiscovery(self.config)
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(options=grpc_options(self.config))
         add_to_server(server, self.processor)
         accounting.add_to_server(server, self.access_log)
+        xds.add_to_server(server, self.discovery)
         bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
@@ -69,18 +74,30 @@ class ProcessorServer:
         return bound
 
     def reload(self) -> bool:
-        """Swap in a new config; a bad one is rejected and the old one keeps serving."""
+        """Apply an edited config without failing a request; a bad one is rejected and the old one serves on.
+
+        Envoy first gets clusters for the old and the new deployments (requests routed by either config find
+        theirs); routing switches to the new config once Envoy has had time to apply them."""
         try:
             config = load_config(self.config_path)
         except (ConfigError, OSError) as exc:
             log.error("reload rejected, still serving the previous config: %s", exc)
+            self.metrics.rejected_reloads += 1
             return False
         if config.redis_url != self.config.redis_url:
             log.warning("redis settings changed: restart the processor to use them; keeping the current store")
+        version = self.discovery.publish(xds.with_leaving_clusters(self.config, config))
         self.config = config
-        self.processor.set_router(Router(config, self.store))
-        log.info("reloaded %s: %d deployments", self.config_path, len(config.deployments))
+        asyncio.get_running_loop().call_later(CLUSTER_SETTLE_S, self._switch, config, version)
         return True
+
+    def _switch(self, config: RouterConfig, version: str) -> None:
+        if config is not self.config:
+            return  # a newer reload superseded this one
+        self.processor.set_router(Router(config, self.store))
+        self.metrics.generation += 1
+        log.info("reloaded %s: %d deployments (clusters version %s, Envoy acked %s)", self.config_path,
+                 len(config.deployments), version, self.discovery.acked_version or "none here")
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._metrics_server is not None:

@@ -34,18 +34,44 @@ def hcm(doc: dict[str, Any]) -> dict[str, Any]:
     return listener["filter_chains"][0]["filters"][0]["typed_config"]  # type: ignore[no-any-return]
 
 
+STATIC = RenderOptions(dynamic_clusters=False)  # deployment clusters in the file, to inspect them here
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["cds", "static"])
 @pytest.mark.parametrize("path", configs(), ids=lambda p: p.name)
-def test_every_example_renders_and_validates(path: Path, tmp_path: Path) -> None:
+def test_every_example_renders_and_validates(path: Path, tmp_path: Path, dynamic: bool) -> None:
     out = tmp_path / "envoy.yaml"
-    out.write_text(render_yaml(render_bootstrap(load(path), RenderOptions())))
+    out.write_text(render_yaml(render_bootstrap(load(path), RenderOptions(dynamic_clusters=dynamic))))
     result = validate_envoy_config(out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
 
 
-def test_tls_clusters_verify_against_system_cas() -> None:
+def test_deployment_clusters_come_from_the_processor_over_cds() -> None:
+    from extproc.xds import ClusterDiscovery
+
     config = load(CONFIG_DIR / "seed-router-settings.yaml")
     doc = render_bootstrap(config, RenderOptions())
+    assert list(clusters(doc)) == [PROCESSOR_CLUSTER]
+    source = doc["dynamic_resources"]["cds_config"]["api_config_source"]
+    assert source["grpc_services"] == [{"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}}]
+    # what the processor serves is the same clusters a static render holds, as protobuf
+    served = ClusterDiscovery(config)._current
+    assert [r.type_url for r in served.resources] == [
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster"] * len(config.deployments)
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    names = []
+    for resource in served.resources:
+        cluster = cluster_pb2.Cluster()
+        resource.Unpack(cluster)
+        names.append(cluster.name)
+    assert names == [dep.cluster for dep in config.deployments]
+
+
+def test_tls_clusters_verify_against_system_cas() -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    doc = render_bootstrap(config, STATIC)
     dep = config.deployments[1]
     cluster = clusters(doc)[dep.cluster]
     match = cluster["transport_socket_matches"][0]
@@ -64,7 +90,7 @@ def test_tls_clusters_verify_against_system_cas() -> None:
 
 def test_failover_clusters_put_the_primary_first_and_never_hold_keys() -> None:
     config = load(CONFIG_DIR / "seed-router-settings.yaml")
-    doc = render_bootstrap(config, RenderOptions())
+    doc = render_bootstrap(config, STATIC)
     a, b = config.deployments
     for primary, other in ((a, b), (b, a)):
         endpoints = clusters(doc)[primary.cluster]["load_assignment"]["endpoints"]
@@ -80,7 +106,7 @@ def test_plain_http_for_local_endpoints() -> None:
         'model_list: [{model_name: m, litellm_params: {model: azure/d, api_base: "http://127.0.0.1:8080", '
         "api_key: k}}]", environ={},
     )
-    cluster = clusters(render_bootstrap(config, RenderOptions()))[config.deployments[0].cluster]
+    cluster = clusters(render_bootstrap(config, STATIC))[config.deployments[0].cluster]
     assert "transport_socket" not in cluster
     assert cluster["type"] == "STATIC"
 
