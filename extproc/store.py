@@ -118,7 +118,9 @@ class _Deployment:
     window: collections.deque[tuple[float, str, int]] = field(default_factory=collections.deque)
     tokens_by_request: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
-    leases: dict[str, float] = field(default_factory=dict)
+    # lease length -> {request id: expiry}. Each inner dict is in expiry order (same length, added in time
+    # order), so expiring is O(expired) and ending a lease O(1), however many are in flight.
+    leases: dict[float, dict[str, float]] = field(default_factory=dict)
     latency: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
     ttft: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
     cooldown_until: float = 0.0
@@ -143,9 +145,12 @@ class MemoryStore(CounterStore):
         while window and window[0][0] <= horizon:
             _, request_id, _ = window.popleft()
             dep.tokens -= dep.tokens_by_request.pop(request_id, 0)
-        if dep.leases:
-            for request_id in [r for r, until in dep.leases.items() if until <= now]:
-                del dep.leases[request_id]
+        for leases in dep.leases.values():
+            while leases:
+                request_id, until = next(iter(leases.items()))
+                if until > now:
+                    break
+                del leases[request_id]
 
     def _state(self, dep: _Deployment, now: float) -> DeploymentState:
         oldest = dep.window[0][0] if dep.window else now - WINDOW_S
@@ -153,7 +158,7 @@ class MemoryStore(CounterStore):
         return DeploymentState(
             rpm_used=len(dep.window),
             tpm_used=dep.tokens,
-            in_flight=len(dep.leases),
+            in_flight=sum(len(leases) for leases in dep.leases.values()),
             latency=_mean([s for t, s in dep.latency if now - t < ttl]),
             ttft=_mean([s for t, s in dep.ttft if now - t < ttl]),
             frees_in_s=max(0.0, oldest + WINDOW_S - now),
@@ -180,7 +185,7 @@ class MemoryStore(CounterStore):
             dep.window.append((now, request_id, tokens))
             dep.tokens_by_request[request_id] = tokens
             dep.tokens += tokens
-            dep.leases[request_id] = now + lease_s
+            dep.leases.setdefault(lease_s, {})[request_id] = now + lease_s
             chosen = index
             break
         return Reservation(chosen, tuple(self._state(dep, now) for dep in deps), now)
@@ -189,7 +194,9 @@ class MemoryStore(CounterStore):
         now = self._clock()
         for outcome in outcomes:
             dep = self._deployments[outcome.key]
-            dep.leases.pop(outcome.request_id, None)
+            for leases in dep.leases.values():
+                if leases.pop(outcome.request_id, None) is not None:
+                    break
             if outcome.total_tokens is not None and outcome.request_id in dep.tokens_by_request:
                 dep.tokens += outcome.total_tokens - dep.tokens_by_request[outcome.request_id]
                 dep.tokens_by_request[outcome.request_id] = outcome.total_tokens
