@@ -116,19 +116,26 @@ async def test_redis_reserve_is_one_round_trip(redis_server: RedisServer, redis_
     await store.reserve("g", (A, B), (0, 1), "warm", 1, 30)  # loads the script once
     client = redis_server.client()
     sent: list[tuple[Any, ...]] = []
+    assert store._lean is not None
+    lean_call: Callable[..., Any] = store._lean.call
     execute: Callable[..., Any] = store._redis.execute_command
+
+    async def counting_lean(*args: Any) -> Any:
+        sent.append(args)
+        return await lean_call(*args)
 
     async def counting(*args: Any, **kwargs: Any) -> Any:
         sent.append(args)
         return await execute(*args, **kwargs)
 
+    store._lean.call = counting_lean  # type: ignore[method-assign]
     store._redis.execute_command = counting  # type: ignore[method-assign]
     before = commandstats(client)
     for i in range(10):
         await store.reserve("g", (A, B), (1, 0), f"r{i}", 1, 30)
     after = commandstats(client)
     # client side: exactly one command per decision
-    assert [args[0] for args in sent] == ["EVALSHA"] * 10
+    assert [args[0] for args in sent] == [b"EVALSHA"] * 10
     # server side: ten EVALSHA; every other command counted ran inside the script
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
     delta.pop("info", None)
