@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,15 @@ from urllib.parse import urlsplit
 import orjson
 
 from .config import ConfigError, load_config
-from .envoy_render import RenderOptions, render_bootstrap, render_yaml
+from .envoy_render import (
+    COMPOSE_PROCESSOR,
+    RenderOptions,
+    compose_options,
+    needs_dns,
+    render_bootstrap,
+    render_snippet_yaml,
+    render_yaml,
+)
 from .launcher import Stack, StackError
 
 
@@ -35,14 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="load and validate a LiteLLM config file")
     check.add_argument("--config", required=True)
 
-    render = sub.add_parser("render-envoy", help="write the Envoy bootstrap for a config")
+    render = sub.add_parser("render-envoy", help="write the Envoy bootstrap (or the pieces an existing Envoy needs)")
     render.add_argument("--config", required=True)
+    render.add_argument("--target", choices=RENDER_TARGETS, default="local",
+                        help="local: bootstrap for processes on this host; compose: bootstrap for a container "
+                             "(listener on 0.0.0.0, processor 'processor:50051' by DNS); snippet: only the pieces "
+                             "to merge into an existing Envoy (default: local)")
     render.add_argument("--out", help="output file (default: stdout)")
     render.add_argument("--port", type=int, default=10000, help="listener port")
-    render.add_argument("--listen-address", default="127.0.0.1")
+    render.add_argument("--listen-address", help="listener address (default: 127.0.0.1; compose: 0.0.0.0)")
     render.add_argument("--admin-port", type=int, default=9901)
     render.add_argument("--processor", type=_parse_hostport, action="append",
-                        help="processor HOST:PORT (repeatable; default 127.0.0.1:50051)")
+                        help="processor HOST:PORT (repeatable; default 127.0.0.1:50051, compose: processor:50051); "
+                             "a hostname makes the processor cluster STRICT_DNS")
+    render.add_argument("--env-file", help="KEY=VALUE file supplying os.environ/NAME values the environment lacks "
+                                           "(e.g. .env.example: keys never reach the Envoy config)")
 
     serve = sub.add_parser("serve", help="run the ext_proc processor alone (for an existing Envoy)")
     serve.add_argument("--config", required=True)
@@ -95,12 +111,7 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{', '.join(config.groups)}; strategy {config.routing_strategy}")
         return 0
     if args.command == "render-envoy":
-        config = load_config(args.config)
-        options = RenderOptions(
-            listen_address=args.listen_address, listen_port=args.port, admin_port=args.admin_port,
-            processors=tuple(args.processor or [("127.0.0.1", 50051)]),
-        )
-        text = render_yaml(render_bootstrap(config, options))
+        text = _render_envoy(args)
         if args.out:
             Path(args.out).write_text(text)
         else:
@@ -116,6 +127,45 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _up(args, demo=True)
     raise AssertionError(args.command)
+
+
+RENDER_TARGETS = ("local", "compose", "snippet")
+
+
+def _render_envoy(args: argparse.Namespace) -> str:
+    environ = {**(read_env_file(args.env_file) if args.env_file else {}), **os.environ}
+    config = load_config(args.config, environ=environ)
+    if args.target == "compose":
+        options = compose_options(
+            listen_port=args.port, admin_port=args.admin_port,
+            processors=tuple(args.processor or [COMPOSE_PROCESSOR]), listen_address=args.listen_address or "0.0.0.0",
+        )
+        return render_yaml(render_bootstrap(config, options))
+    processors = tuple(args.processor or [("127.0.0.1", 50051)])
+    options = RenderOptions(
+        listen_address=args.listen_address or "127.0.0.1", listen_port=args.port, admin_port=args.admin_port,
+        processors=processors, processor_dns=needs_dns(processors),
+    )
+    if args.target == "snippet":
+        return render_snippet_yaml(config, options)
+    return render_yaml(render_bootstrap(config, options))
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """A docker-compose style .env file: KEY=VALUE lines, # comments, optional quotes around the value."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
 
 
 def _up(args: argparse.Namespace, demo: bool) -> int:

@@ -402,7 +402,7 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
             errors.append(f"{where}.litellm_params.api_base: has an invalid port (got {api_base!r})")
             continue
         deployment_name = params.model.partition("/")[2]
-        model_id = entry.model_info.id or _default_id(entry)
+        model_id = entry.model_info.id or _default_id(entry, index, used_ids)
         if model_id in used_ids:
             errors.append(f"{where}.model_info.id: duplicate id {model_id!r}")
             continue
@@ -466,13 +466,17 @@ def _build(parsed: ProxyConfigFile, env: Mapping[str, str], source: str, unknown
     )
 
 
-def _default_id(entry: ModelEntry) -> str:
-    """Deterministic like LiteLLM's hash of the params. The key enters only through its own digest, so two
-    entries that differ only in their key get different ids and the id reveals nothing about the key."""
+def _default_id(entry: ModelEntry, index: int, used: set[str]) -> str:
+    """Deterministic like LiteLLM's hash of the params, but never of the key: ids (and the cluster names
+    derived from them) stay the same when keys rotate, and an Envoy config rendered with placeholder keys
+    names the same clusters as processors holding the real ones. Entries that differ only in their key get
+    their position mixed in."""
     params = entry.litellm_params.model_dump(exclude={"api_key"}, exclude_none=True)
-    key_digest = hashlib.sha256((entry.litellm_params.api_key or "").encode()).hexdigest()
-    digest = hashlib.sha256(orjson.dumps([entry.model_name, params, key_digest], option=orjson.OPT_SORT_KEYS))
-    return digest.hexdigest()[:16]
+    digest = hashlib.sha256(orjson.dumps([entry.model_name, params], option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    if digest in used:
+        mixed = orjson.dumps([entry.model_name, params, index], option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(mixed).hexdigest()[:16]
+    return digest
 
 
 def _cluster_name(model_id: str, used: set[str]) -> str:

@@ -651,6 +651,7 @@ def snippet_route(config: RouterConfig) -> dict[str, Any]:
         return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": per_route}
 
     route = llm_route(config)
+    assert route["name"] == LLM_ROUTE_NAME  # the snippet's logs and local replies are filtered on it
     route["typed_per_filter_config"] = {
         SNIPPET_EXT_PROC_FILTER: enable(
             {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "overrides": {}}
