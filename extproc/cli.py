@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -191,8 +192,8 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
             _sample(stack, args.requests)
             if args.exit:
                 return 0
-        print("Ctrl-C stops everything.", flush=True)
-        signal.pause()
+        print("Ctrl-C stops everything; editing the config file (or SIGHUP) reloads it.", flush=True)
+        _watch(stack)
     except KeyboardInterrupt:
         print("\nstopping", flush=True)
     finally:
@@ -201,6 +202,33 @@ def _up(args: argparse.Namespace, demo: bool) -> int:
             proc.terminate()
             proc.wait(5)
     return 0
+
+
+def _watch(stack: Stack, interval_s: float = 1.0) -> None:
+    """Serve until interrupted; reload when the config file changes or on SIGHUP."""
+    requested = False
+
+    def _hup(signum: int, _frame: object) -> None:
+        nonlocal requested
+        requested = True
+
+    signal.signal(signal.SIGHUP, _hup)
+    seen = stack.config_path.stat().st_mtime_ns
+    while True:
+        time.sleep(interval_s)
+        try:
+            mtime = stack.config_path.stat().st_mtime_ns
+        except OSError:
+            continue  # an editor replacing the file; look again next time
+        if mtime == seen and not requested:
+            continue
+        seen, requested = mtime, False
+        try:
+            config = stack.reload()
+        except (ConfigError, StackError) as exc:
+            print(f"reload rejected, still serving the previous config:\n{exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"reloaded {stack.config_path}: {len(config.deployments)} deployments", flush=True)
 
 
 def _start_mocks(stack: Stack) -> list[subprocess.Popen[bytes]]:
