@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1 (default: off)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address for /metrics (default loopback; 0.0.0.0 in a container or pod)")
 
     up = sub.add_parser("up", help="run Envoy and the processor together")
     _stack_arguments(up)
@@ -121,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server import serve
 
-        asyncio.run(serve(args.config, args.host, args.port, args.metrics_port))
+        asyncio.run(serve(args.config, args.host, args.port, args.metrics_port, args.metrics_host))
         return 0
     if args.command == "up":
         return _up(args, demo=False)

@@ -36,8 +36,10 @@ def grpc_options(config: RouterConfig) -> list[tuple[str, int]]:
 
 class ProcessorServer:
     def __init__(
-        self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051, metrics_port: int | None = None
+        self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051, metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
+        self.metrics_host = metrics_host
         self.config_path = Path(config_path)
         self.host = host
         self.port = port
@@ -61,9 +63,9 @@ class ProcessorServer:
         self._server = server
         self.port = bound
         if self.metrics_port is not None:
-            # Metrics stay on loopback: they name deployments and usage, not for the open network.
+            # Loopback by default: metrics name deployments and usage, not for the open network.
             self._metrics_server = await serve_metrics(
-                self.metrics, lambda: self.processor.router, "127.0.0.1", self.metrics_port
+                self.metrics, lambda: self.processor.router, self.metrics_host, self.metrics_port
             )
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         log.info(
@@ -130,9 +132,11 @@ def make_store(config: RouterConfig) -> CounterStore:
     return MemoryStore(samples_of(config))
 
 
-async def serve(config_path: str | Path, host: str, port: int, metrics_port: int | None = None) -> None:
-    server = ProcessorServer(config_path, host, port, metrics_port)
+async def serve(
+    config_path: str | Path, host: str, port: int, metrics_port: int | None = None, metrics_host: str = "127.0.0.1"
+) -> None:
+    server = ProcessorServer(config_path, host, port, metrics_port, metrics_host)
     await server.start()
-    metrics = f", metrics on http://127.0.0.1:{server.metrics_port}/metrics" if metrics_port is not None else ""
+    metrics = f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if metrics_port is not None else ""
     print(f"processor ready on {host}:{server.port}{metrics}", flush=True)
     await server.run_until_signalled()
