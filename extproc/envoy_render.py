@@ -218,21 +218,7 @@ def request_access_log(options: RenderOptions) -> dict[str, Any]:
 
     Every request, not only routed ones: a POST whose client left while the processor decided has no
     routing metadata, and its entry is what releases that reservation."""
-    return {
-        "name": "envoy.access_loggers.http_grpc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": REQUEST_LOG_NAME,
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
-                # Small batches, sent often: in-flight counts and token windows stay current.
-                "buffer_flush_interval": f"{options.access_log_flush_ms / 1000:.3f}s",
-                "buffer_size_bytes": 16384,
-            },
-            "additional_response_headers_to_log": ["retry-after"],
-        },
-    }
+    return _processor_access_log(REQUEST_LOG_NAME, options)
 
 
 def router_filter(options: RenderOptions) -> dict[str, Any]:
@@ -255,17 +241,25 @@ def attempt_access_log(options: RenderOptions) -> dict[str, Any]:
             "metadata": {"kind": {"host": {}}, "metadata_key": {"key": ENDPOINT_NAMESPACE, "path": [{"key": field}]}},
         }
 
+    return _processor_access_log(
+        ATTEMPT_LOG_NAME, options, custom_tags=[host_tag("deployment_id", "id"), host_tag("model_group", "model_group")]
+    )
+
+
+def _processor_access_log(log_name: str, options: RenderOptions, **common: Any) -> dict[str, Any]:
+    """A gRPC access log streamed to the processor in small batches, sent often, so in-flight counts, token
+    windows and cooldowns stay current."""
     return {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
-                "log_name": ATTEMPT_LOG_NAME,
+                "log_name": log_name,
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
                 "buffer_flush_interval": f"{options.access_log_flush_ms / 1000:.3f}s",
                 "buffer_size_bytes": 16384,
-                "custom_tags": [host_tag("deployment_id", "id"), host_tag("model_group", "model_group")],
+                **common,
             },
             "additional_response_headers_to_log": ["retry-after"],
         },

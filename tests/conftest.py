@@ -107,6 +107,18 @@ def fault(**kwargs: Any) -> Fault:
     return Fault(**kwargs)
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll until ``predicate`` holds (things reported asynchronously, e.g. through the access log)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, no persistence."""
 

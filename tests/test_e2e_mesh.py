@@ -33,6 +33,7 @@ from extproc.launcher import envoy_binary, free_port, validate_envoy_config
 from extproc.mock_azure import Fault
 
 from .conftest import Mock
+from .conftest import wait_for as eventually
 
 MockFactory = Callable[..., Mock]
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,14 +186,6 @@ def envoy_stat(admin_port: int, name: str) -> int:
         lines = response.read().decode().splitlines()
     return sum(int(line.rsplit(": ", 1)[1]) for line in lines if line.startswith(name + ": "))
 
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import redis
 from extproc.launcher import Stack
 from extproc.mock_azure import Fault
 
-from .conftest import Mock, RedisServer
+from .conftest import Mock, RedisServer, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -44,14 +44,6 @@ def burst(stack: Stack, n: int, body: dict[str, object] = CHAT) -> list[httpx.Re
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda _: client.post(f"{stack.base_url}/v1/chat/completions", json=body), range(n)))
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_two_processors_share_exact_rpm_through_redis(

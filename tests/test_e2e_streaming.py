@@ -12,7 +12,7 @@ import pytest
 from extproc.launcher import Stack
 from extproc.mock_azure import Fault
 
-from .conftest import Mock
+from .conftest import Mock, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -29,14 +29,6 @@ model_list:
 router_settings: {{num_retries: 0{router}}}
 """
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_stream_reaches_the_client_chunk_by_chunk_and_byte_for_byte(
@@ -71,10 +63,16 @@ def test_plain_response_is_byte_for_byte(mock_factory: MockFactory, stack_factor
 
 
 def usage_of(mock: Mock) -> int:
-    body = mock.requests[-1].response_body
+    return usage_in(mock.requests[-1].response_body)
+
+
+def usage_in(body: bytes) -> int:
+    """total_tokens of a response body: a JSON body's usage, or a stream's usage chunk (0 without one)."""
     for line in reversed(body.split(b"\n\n")):
         if b'"usage":{' in line:
             return int(orjson.loads(line.removeprefix(b"data: "))["usage"]["total_tokens"])
+    if body.startswith(b"data: "):
+        return 0
     return int(orjson.loads(body)["usage"]["total_tokens"])
 
 
@@ -161,14 +159,7 @@ router_settings: {{routing_strategy: usage-based-routing, num_retries: 0}}
             response.read()
             served.append(response.headers["x-llm-deployment"])
         time.sleep(0.05)  # the access log settles the stream's actual usage
-    spent_on_small = sum(usage_of_request(r) for r in a.requests)
+    spent_on_small = sum(usage_in(r.response_body) for r in a.requests)
     assert spent_on_small <= 50
     assert served[-4:] == ["large"] * 4, served  # small's tpm is spent: every later request goes to large
 
-
-def usage_of_request(request: object) -> int:
-    body = request.response_body  # type: ignore[attr-defined]
-    for line in reversed(body.split(b"\n\n")):
-        if b'"usage":{' in line:
-            return int(orjson.loads(line.removeprefix(b"data: "))["usage"]["total_tokens"])
-    return 0
