@@ -96,6 +96,7 @@ model_list:
 router_settings:
   num_retries: 2
   timeout: 30
+  cooldown_time: 60  # longer than this test, however slow the machine (the default is 5 s)
 general_settings:
   max_request_size_mb: 1
 """
