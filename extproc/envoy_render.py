@@ -241,9 +241,19 @@ def attempt_access_log(options: RenderOptions) -> dict[str, Any]:
             "metadata": {"kind": {"host": {}}, "metadata_key": {"key": ENDPOINT_NAMESPACE, "path": [{"key": field}]}},
         }
 
-    return _processor_access_log(
+    log = _processor_access_log(
         ATTEMPT_LOG_NAME, options, custom_tags=[host_tag("deployment_id", "id"), host_tag("model_group", "model_group")]
     )
+    # Only failed attempts matter for cooldowns: a successful one costs nothing to log.
+    log["filter"] = {
+        "or_filter": {
+            "filters": [
+                {"status_code_filter": {"comparison": {"op": "GE", "value": _runtime_uint(400)}}},
+                {"response_flag_filter": {}},  # no response at all: reset, refused, timeout
+            ]
+        }
+    }
+    return log
 
 
 def _processor_access_log(log_name: str, options: RenderOptions, **common: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ a given Forward never change, so they are serialized once and reused as bytes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -122,16 +121,9 @@ class ExternalProcessor:
                 if isinstance(decision, Reply):
                     yield encode_reply(decision)
                     return
-                try:
-                    yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
-                    # Wait for Envoy to end the stream. A clean end means it applied the decision and its
-                    # access log will report the request; a reset (the client went away meanwhile) means
-                    # it never will, so the reservation is released here instead of leaking.
-                    async for _ in requests:
-                        pass
-                except (asyncio.CancelledError, GeneratorExit):
-                    router.abandon(decision)
-                    raise
+                # If the client leaves before Envoy applies this, Envoy's access log reports the request
+                # without routing metadata and the reservation is released from there (accounting.py).
+                yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
                 return
             else:
                 # Phases we did not ask for (trailers, response side): let them pass unchanged.

@@ -217,11 +217,6 @@ class Router:
         metadata.update(self._rate_headers(group, reservation.states))
         return Routed(forward, metadata)
 
-    def abandon(self, routed: Routed) -> None:
-        """The decision never reached Envoy: end its lease now (settling twice is harmless)."""
-        meta = routed.metadata
-        self._release(str(meta["model_group"]), [str(meta["model_id"])], str(meta["request_id"]), int(meta["tokens"]))
-
     def _release_reserved(self, done: asyncio.Future[Reservation], group: _Group, request_id: str, tokens: int) -> None:
         if done.cancelled() or done.exception() is not None:
             return

@@ -50,8 +50,9 @@ def test_stream_reaches_the_client_chunk_by_chunk_and_byte_for_byte(
     assert received == sent  # no re-encoding, no buffering artefacts
     events = sent.count(b"data: ")
     assert events >= 6
-    # the first event arrives long before the last one is even sent
-    assert arrivals[0] < 0.5 and arrivals[-1] > 0.2 * (events - 2)
+    # the first event arrives long before the last one is even sent (a buffering proxy would deliver them
+    # together); measured between arrivals, so a slow machine does not matter
+    assert arrivals[-1] - arrivals[0] >= 0.2 * (events - 3), arrivals
     assert len(arrivals) >= events // 2
 
 
