@@ -1,0 +1,124 @@
+"""The processor alone against a do-nothing ext_proc server: how much of the per-request CPU is ours.
+
+``python -m bench.processor`` starts, in turn, a minimal grpc.aio ExternalProcessor (answers both phases
+with constant responses, no parsing, no routing) and the real processor (``python -m extproc serve``), and
+drives each with a grpc.aio client in this process: one stream per request, request headers then a ~1 KB
+chat body, 16 streams at a time, as Envoy does. It reports streams per second and the server process's CPU
+per stream (utime + stime from /proc). The difference is what routing, accounting hooks and encoding cost;
+the minimal server's figure is the floor that grpc.aio itself sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.launcher import free_port
+
+MINIMAL_SERVER = '''
+import asyncio, sys
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
+BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
+async def process(requests, context):
+    async for request in requests:
+        if request.WhichOneof("request") == "request_headers":
+            yield HEADERS
+        else:
+            yield BODY
+            return
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(
+        process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=lambda b: b)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler}),))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+'''
+CONFIG = """
+model_list:
+  - model_name: gpt-4o
+    litellm_params: {model: azure/a, api_base: "https://a.openai.azure.com", api_key: ka}
+  - model_name: gpt-4o
+    litellm_params: {model: azure/b, api_base: "https://b.openai.azure.com", api_key: kb}
+"""
+HEADERS = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in (
+        (":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "llm"), (":scheme", "http"),
+        ("content-type", "application/json"), ("content-length", "1024"), ("x-request-id", "bench"),
+        ("user-agent", "OpenAI/Python 1.0"))
+])))
+BODY = pb.ProcessingRequest(request_body=pb.HttpBody(
+    body=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 900}]}), end_of_stream=True))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(port: int, pid: int, streams: int, concurrency: int) -> tuple[float, float]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=pb.ProcessingRequest.SerializeToString,
+            response_deserializer=pb.ProcessingResponse.FromString,
+        )
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                call = method()
+                await call.write(HEADERS)
+                await call.read()
+                await call.write(BODY)
+                await call.read()
+                await call.done_writing()
+
+        await asyncio.gather(*(one() for _ in range(300)))  # warm up
+        started, cpu = time.monotonic(), cpu_seconds(pid)
+        await asyncio.gather(*(one() for _ in range(streams)))
+        elapsed, used = time.monotonic() - started, cpu_seconds(pid) - cpu
+        return streams / elapsed, used / streams * 1e6
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp())
+    (workdir / "minimal.py").write_text(MINIMAL_SERVER)
+    (workdir / "config.yaml").write_text(CONFIG)
+    print("| server | streams/s | server CPU µs/stream |\n|---|---:|---:|")
+    for name in ("minimal grpc.aio server", "extproc serve", "minimal grpc.aio server", "extproc serve"):
+        port = free_port()
+        if name.startswith("minimal"):
+            cmd = [sys.executable, str(workdir / "minimal.py"), str(port)]
+        else:
+            cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(workdir / "config.yaml"),
+                   "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            rate, cpu = asyncio.run(drive(port, proc.pid, 3000, 16))
+            print(f"| {name} | {rate:,.0f} | {cpu:.0f} |")
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
