@@ -27,6 +27,9 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict bench/codec.py
 
+bench: install  ## side by side: plain Envoy, the product (4 set-ups), LiteLLM Proxy; writes docs/benchmarks/ (~10 min)
+	$(PY) -m bench.run
+
 bench-codec: install  ## xds-protos vs envoy-data-plane codec cost per request (installs the latter in .bench-venv)
 	$(PY) -m bench.codec
 
