@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from .cooldown import Failure
@@ -220,35 +221,41 @@ class RedisStore(CounterStore):
             state = self._view.get(outcome.key)
             if state is not None and state.in_flight > 0:
                 self._view[outcome.key] = dataclasses.replace(state, in_flight=state.in_flight - 1)
-        pipe = self._redis.pipeline(transaction=False)
-        for outcome in outcomes:
-            await self._settle(
-                keys=self.keys(outcome.group, outcome.key)[:5],
-                args=[
+        await self._pipelined(self._settle, [
+            (
+                self.keys(outcome.group, outcome.key)[:5],
+                [
                     outcome.request_id, outcome.reserved_tokens,
                     -1 if outcome.total_tokens is None else outcome.total_tokens,
                     "" if outcome.latency_s is None else repr(outcome.latency_s),
                     "" if outcome.ttft_s is None else repr(outcome.ttft_s),
                     self._samples.max_samples, int(self._samples.ttl_s * 1000),
                 ],
-                client=pipe,
             )
-        try:
-            await pipe.execute()
-        except NoScriptError:  # Redis restarted and lost its script cache: run them again, now cached
-            await self.settle(outcomes)
+            for outcome in outcomes
+        ])
 
     async def record_failures(self, failures: Sequence[tuple[str, str, Failure]]) -> None:
         if not failures:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for group, key, failure in failures:
-            await self._fail(
-                keys=self.keys(group, key)[5:],
-                args=[max(1, int(failure.cooldown_s * 1000)), int(failure.immediate), failure.allowed_fails],
-                client=pipe,
-            )
-        await pipe.execute()
+        await self._pipelined(self._fail, [
+            (self.keys(group, key)[5:], [max(1, int(failure.cooldown_s * 1000)), int(failure.immediate),
+                                          failure.allowed_fails])
+            for group, key, failure in failures
+        ])
+
+    async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[str | int]]]) -> None:
+        """One round trip for a batch of script calls. EVALSHA directly, not redis-py's Script objects,
+        which add a SCRIPT EXISTS round trip to every pipeline; a NOSCRIPT (Redis restarted) loads it once."""
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                await self._redis.script_load(script.script)
 
     async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         # RESERVE with an empty preference order admits nothing and only reports.
