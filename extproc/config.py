@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -505,5 +505,3 @@ def redis_endpoint_for_display(url: str | None) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
 
-
-Strategy = Literal["simple-shuffle", "least-busy", "usage-based-routing", "latency-based-routing"]
