@@ -188,18 +188,20 @@ class Router:
         stream = payload.get("stream") is True
         tokens = estimate_input_tokens(payload, flow.operation)
         request_id = flow.request_id
-        reserving = asyncio.ensure_future(
-            self.store.reserve(
-                group.name, group.candidates, self._order(group, stream), request_id, tokens, self._lease_s[stream]
-            )
+        reserve = self.store.reserve(
+            group.name, group.candidates, self._order(group, stream), request_id, tokens, self._lease_s[stream]
         )
-        try:
-            # Shielded: if Envoy drops the stream meanwhile, the reservation still completes, and then
-            # its lease is given back (the request will never reach that deployment).
-            reservation = await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-            reserving.add_done_callback(lambda done: self._release_reserved(done, group, request_id, tokens))
-            raise
+        if not self.store.suspends:
+            reservation = await reserve  # runs to completion: nothing to cancel halfway
+        else:
+            reserving = asyncio.ensure_future(reserve)
+            try:
+                # Shielded: if Envoy drops the stream meanwhile, the reservation still completes, and then
+                # its lease is given back (the request will never reach that deployment).
+                reservation = await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                reserving.add_done_callback(lambda done: self._release_reserved(done, group, request_id, tokens))
+                raise
         if reservation.chosen is None:
             return self._no_capacity(model, group, reservation, tokens)
         forward = group.forwards[flow.operation][stream][reservation.chosen]
