@@ -114,8 +114,10 @@ def test_cooldown_skips_a_deployment_for_retry_after_then_it_returns(
     # equal weights; the router's cooldown_time (30 s) loses to the deployment's Retry-After (2 s)
     stack = stack_factory(config(a.base, b.base, "  cooldown_time: 30\n", a_extra="rpm: 1000", b_extra="rpm: 1000"))
     a.fault("dep-a", Fault(status=429, retry_after=2, count=1))
-    first = [post(stack) for _ in range(6)]
-    assert all(r.status_code == 200 for r in first)
+    for _ in range(60):  # until A was chosen first once (a coin flip each time)
+        assert post(stack).status_code == 200
+        if any(r.status == 429 for r in a.requests):
+            break
     cooled_at = next(r.received_at for r in a.requests if r.status == 429)
     time.sleep(0.1)  # the attempt log reaches the processor
     during = [post(stack).headers["x-llm-deployment"] for _ in range(12)]

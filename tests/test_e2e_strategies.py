@@ -130,16 +130,23 @@ def test_least_busy_counts_return_to_zero_after_random_aborts(
 def test_least_busy_prefers_the_idle_deployment(mock_factory: MockFactory, stack_factory: StackFactory) -> None:
     a, b = mock_factory("ka", "a"), mock_factory("kb", "b")
     stack = stack_factory(seed_config(a, b, "least-busy", rpm=100000))
-    a.fault("*", Fault(delay=1.0))  # a holds its requests; b answers at once
-    with ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10)
-                for _ in range(2)]
-        time.sleep(0.3)
-        quick = [httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10) for _ in range(10)]
-        for future in slow:
+    a.fault("*", Fault(delay=3.0))  # a holds its requests; b answers at once
+    url = f"{stack.base_url}/v1/chat/completions"
+    with ThreadPoolExecutor(16) as pool:
+        held = []
+        # until a holds one in flight (least-busy then sends everything else to b, which is idle)
+        while not [r for r in a.requests if r.status == 0]:
+            held.append(pool.submit(httpx.post, url, json=CHAT, timeout=10))
+            time.sleep(0.05)
+            assert len(held) < 40
+        quick = []
+        for _ in range(10):
+            quick.append(httpx.post(url, json=CHAT, timeout=10))
+            time.sleep(0.1)  # the access log reports each quick request's end before the next
+        for future in held:
             future.result()
     served = Counter(r.headers["x-llm-deployment"] for r in quick)
-    assert served["gpt-turbo-small-ca"] >= 9, served
+    assert served["gpt-turbo-small-ca"] == 10, served  # a has one in flight, b none
 
 
 def test_latency_based_moves_traffic_to_the_faster_deployment(
