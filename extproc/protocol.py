@@ -84,12 +84,10 @@ class ExternalProcessor:
         self.router = router
         self.metrics = metrics or Metrics()
         self._forward_cache: dict[int, bytes] = {}
-        self._reply_cache: dict[int, bytes] = {}
 
     def set_router(self, router: Router) -> None:
         self.router = router
         self._forward_cache = {}
-        self._reply_cache = {}
 
     def _encode_forward(self, forward: Forward) -> bytes:
         encoded = self._forward_cache.get(id(forward))

@@ -98,8 +98,8 @@ class _Group:
     deployments: tuple[Deployment, ...]
     candidates: tuple[Candidate, ...]
     weights: ShuffleWeights
-    # forwards[operation][stream][i] for deployment i
-    forwards: Mapping[str, tuple[tuple[Forward, ...], tuple[Forward, ...]]]
+    # forwards[stream][i] for deployment i (the operation travels as metadata: paths are set per attempt)
+    forwards: tuple[tuple[Forward, ...], tuple[Forward, ...]]
     rpm_limit: int  # sum over deployments that set rpm (0: none does), for x-ratelimit-* headers
     tpm_limit: int
 
@@ -109,7 +109,6 @@ class Router:
         self.config = config
         self.store = store or MemoryStore(samples_of(config))
         self.rng = rng or random.Random()
-        self.cache_backend = self.store.backend
         self._groups = {name: self._plan_group(name, deps) for name, deps in config.groups.items()}
         prefix = os.urandom(5).hex()  # for requests without x-request-id (Envoy normally sets one)
         self._request_ids = (f"{prefix}-{n}" for n in itertools.count())
@@ -131,7 +130,7 @@ class Router:
             return errors.json_reply(200, "I'm alive!", "liveliness")
         if route == _READINESS_PATH:
             return errors.json_reply(
-                200, {"status": "healthy", "cache": self.cache_backend, "version": __version__}, "readiness"
+                200, {"status": "healthy", "cache": self.store.backend, "version": __version__}, "readiness"
             )
         if self._master_key is not None and not self._authorized(headers):
             return errors.unauthorized()
@@ -204,7 +203,7 @@ class Router:
                 raise
         if reservation.chosen is None:
             return self._no_capacity(model, group, reservation, tokens)
-        forward = group.forwards[flow.operation][stream][reservation.chosen]
+        forward = group.forwards[stream][reservation.chosen]
         dep = forward.deployment
         metadata: dict[str, str | int | float | bool] = {
             "request_id": request_id,
@@ -320,13 +319,10 @@ class Router:
 
     def _plan_group(self, name: str, deployments: tuple[Deployment, ...]) -> _Group:
         keys = tuple((f"key_{dep.index}", dep.api_key) for dep in deployments)
-        forwards = {
-            op: (
-                tuple(self._forward(dep, keys, stream=False) for dep in deployments),
-                tuple(self._forward(dep, keys, stream=True) for dep in deployments),
-            )
-            for op in OPERATIONS
-        }
+        forwards = (
+            tuple(self._forward(dep, keys, stream=False) for dep in deployments),
+            tuple(self._forward(dep, keys, stream=True) for dep in deployments),
+        )
         candidates = tuple(Candidate(dep.id, dep.rpm, dep.tpm) for dep in deployments)
         return _Group(
             name, deployments, candidates, shuffle_weights(deployments), forwards,
