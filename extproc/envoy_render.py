@@ -11,12 +11,17 @@ from typing import Any
 
 import yaml
 
+from . import errors
 from .accounting import ATTEMPT_LOG_NAME, REQUEST_LOG_NAME, USAGE_NAMESPACE
 from .config import Deployment, RouterConfig
-from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX
+from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX, REQUEST_ATTRIBUTES
 from .routing import CLUSTER_HEADER, ENDPOINT_NAMESPACE, KEYS_NAMESPACE, METADATA_NAMESPACE
 
 PROCESSOR_CLUSTER = "llm_extproc"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+LUA_REPLY_DETAILS = "lua_response"  # what Envoy records for a Lua handle:respond()
+LLM_ROUTE_NAME = "llm"
+CONTROL_ROUTE_NAME = "llm_control"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Envoy's default cluster circuit breakers (1024 requests, 3 concurrent retries) are far too low for
 # long-lived LLM streams and bursts of 429s; these are generous ceilings, not targets.
@@ -112,6 +117,43 @@ end
 """.replace("__USAGE_NS__", USAGE_NAMESPACE).replace("__ROUTED_NS__", METADATA_NAMESPACE)
 
 
+def _lua_string(text: str) -> str:
+    """A Lua long-bracket literal: no escaping inside, a level that does not occur in the text."""
+    level = "="
+    while f"]{level}]" in text:
+        level += "="
+    return f"[{level}[{text}]{level}]"
+
+
+# Envoy sends a POST to the processor once, with its body (headers skipped, so one gRPC message per
+# request); decisions come back as dynamic metadata, and this turns them into the headers the route and the
+# router read. ext_proc holds the headers until its body response arrives, so the decision is there when
+# this runs; handle:body() only waits in case it is not. A POST without a body never reaches the processor.
+_BODY_REQUIRED = errors.body_required()
+DECISION_LUA = """
+function envoy_on_request(handle)
+  local routed = handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__")
+  if routed == nil then
+    handle:body()
+    routed = handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__")
+    if routed == nil then
+      handle:respond({[":status"] = "__STATUS__", ["content-type"] = "application/json"}, __BODY__)
+      return
+    end
+  end
+  local headers = handle:headers()
+  headers:replace("__CLUSTER_HEADER__", routed["cluster"])
+  headers:replace("x-envoy-upstream-rq-timeout-ms", routed["timeout_ms"])
+  local per_try = routed["per_try_timeout_ms"]
+  if per_try ~= nil then headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", per_try) end
+  handle:clearRouteCache()
+end
+""".replace("__ROUTED_NS__", METADATA_NAMESPACE).replace("__CLUSTER_HEADER__", CLUSTER_HEADER).replace(
+    "__STATUS__", str(_BODY_REQUIRED.status)).replace("__BODY__", _lua_string(_BODY_REQUIRED.body.decode()))
+# One Lua filter for both directions (one coroutine per request instead of two).
+ROUTER_LUA = DECISION_LUA + USAGE_LUA
+
+
 @dataclass(frozen=True)
 class RenderOptions:
     listen_address: str = "127.0.0.1"
@@ -197,18 +239,18 @@ def http_connection_manager(config: RouterConfig, options: RenderOptions) -> dic
             "codec_type": "AUTO",
             "local_reply_config": local_reply_config(),
             "route_config": route_config(config),
-            "http_filters": [ext_proc_filter(options), usage_filter(), router_filter(options)],
+            "http_filters": [ext_proc_filter(options), lua_filter(), router_filter(options)],
             "access_log": [request_access_log(options)],
         },
     }
 
 
-def usage_filter() -> dict[str, Any]:
+def lua_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": USAGE_LUA},
+            "default_source_code": {"inline_string": ROUTER_LUA},
         },
     }
 
@@ -276,21 +318,25 @@ def _processor_access_log(log_name: str, options: RenderOptions, **common: Any) 
     }
 
 
+# One message per POST: the body, with the headers routing needs as request attributes; responses pass by.
+EXT_PROC_MODE = {
+    "request_header_mode": "SKIP",
+    "request_body_mode": "BUFFERED",
+    "request_trailer_mode": "SKIP",
+    "response_header_mode": "SKIP",
+    "response_body_mode": "NONE",
+    "response_trailer_mode": "SKIP",
+}
+
+
 def ext_proc_filter(options: RenderOptions) -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ext_proc",
+        "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
             "failure_mode_allow": False,  # failing open would skip routing and send requests nowhere useful
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
+            "processing_mode": EXT_PROC_MODE,
             # 200 ms (the default) is too tight for a Python processor on a busy 2-core machine.
             "message_timeout": f"{options.message_timeout_s}s",
             "max_message_timeout": "10s",
@@ -298,6 +344,7 @@ def ext_proc_filter(options: RenderOptions) -> dict[str, Any]:
             "mutation_rules": {"allow_envoy": True},
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE, KEYS_NAMESPACE]}},
             "status_on_error": {"code": "ServiceUnavailable"},
+            "request_attributes": list(REQUEST_ATTRIBUTES),
         },
     }
 
@@ -305,14 +352,35 @@ def ext_proc_filter(options: RenderOptions) -> dict[str, Any]:
 def route_config(config: RouterConfig) -> dict[str, Any]:
     return {
         "name": "llm_routes",
-        "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": [llm_route(config)]}],
+        "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": llm_routes(config, EXT_PROC_FILTER)}],
+    }
+
+
+def llm_routes(config: RouterConfig, ext_proc_name: str) -> list[dict[str, Any]]:
+    return [llm_route(config), control_route(ext_proc_name)]
+
+
+def control_route(ext_proc_name: str) -> dict[str, Any]:
+    """Every method but POST: health, /v1/models and the errors for anything else. The processor answers
+    all of these from the headers, so here ext_proc sends headers and no body."""
+    overrides = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": {**EXT_PROC_MODE, "request_header_mode": "SEND", "request_body_mode": "NONE"}},
+    }
+    return {
+        "name": CONTROL_ROUTE_NAME,
+        "match": {"prefix": "/"},
+        # Never reached: the processor replies to every such request (or Envoy's 503 when it is down).
+        "direct_response": {"status": 404},
+        "typed_per_filter_config": {ext_proc_name: overrides},
     }
 
 
 def llm_route(config: RouterConfig) -> dict[str, Any]:
     return {
-        "name": "llm",
-        "match": {"prefix": "/"},
+        "name": LLM_ROUTE_NAME,
+        # Inference calls. Other methods take the control route (ext_proc is configured differently there).
+        "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
         "route": {
             # Chosen per request by the processor; a client-sent value is overwritten or the request refused.
             "cluster_header": CLUSTER_HEADER,
@@ -339,7 +407,7 @@ def llm_route(config: RouterConfig) -> dict[str, Any]:
             },
         },
         # Our routing header has done its job once the route is chosen: Azure never sees it.
-        "request_headers_to_remove": [CLUSTER_HEADER],
+        "request_headers_to_remove": [CLUSTER_HEADER, "authorization", "api-key"],
         "response_headers_to_add": [
             {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
             for name, value in response_headers().items()
@@ -351,14 +419,15 @@ def local_reply_config() -> dict[str, Any]:
     """Envoy's own error replies (413, 503, 504, ...) as OpenAI-style JSON.
 
     The processor's immediate responses are already JSON; they carry details starting with
-    PROCESSOR_REPLY_DETAILS_PREFIX and are left alone.
+    PROCESSOR_REPLY_DETAILS_PREFIX and are left alone, as is the Lua filter's one reply (DECISION_LUA).
     """
     not_from_processor = {
         "extension_filter": {
             "name": "envoy.access_loggers.extension_filters.cel",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                "expression": f"!response.code_details.startsWith('{PROCESSOR_REPLY_DETAILS_PREFIX}')",
+                "expression": f"!response.code_details.startsWith('{PROCESSOR_REPLY_DETAILS_PREFIX}')"
+                f" && response.code_details != '{LUA_REPLY_DETAILS}'",
             },
         }
     }
@@ -564,18 +633,18 @@ def _duration(seconds: float) -> str:
 # existing Envoy needs (`render-envoy --target snippet`).
 
 COMPOSE_PROCESSOR = ("processor", 50051)  # the compose service name and the port `serve` listens on
-LLM_ROUTE_NAME = "llm"
-# In a shared connection manager the LLM pieces act on the LLM route only: its filters are disabled by default
-# and enabled by the route, and its logs and error bodies are filtered on the route's name.
+# In a shared connection manager the LLM pieces act on the LLM routes only: its filters are disabled by default
+# and enabled by the routes, and its logs and error bodies are filtered on the route names.
 SNIPPET_EXT_PROC_FILTER = "llm.ext_proc"
-SNIPPET_USAGE_FILTER = "llm.usage"
-SNIPPET_USAGE_SOURCE = "llm_usage"  # the Lua source the LLM route names
+SNIPPET_LUA_FILTER = "llm.lua"
+SNIPPET_LUA_SOURCE = "llm_lua"  # the Lua source the LLM route names
 ON_LLM_ROUTE = f"xds.route_name == '{LLM_ROUTE_NAME}'"
+ON_LLM_ROUTES = f"xds.route_name in ['{LLM_ROUTE_NAME}', '{CONTROL_ROUTE_NAME}']"
 SNIPPET_KEYS = (
     "http_filters",
     "router_upstream_log",
     "access_log",
-    "route",
+    "routes",
     "clusters",
     "runtime",
     "listener_buffer_limit_bytes",
@@ -630,14 +699,14 @@ def _on_llm_route(access_log: dict[str, Any]) -> dict[str, Any]:
 
 
 def snippet_http_filters(options: RenderOptions) -> list[dict[str, Any]]:
-    """ext_proc and the Lua usage filter under names of their own, disabled unless a route enables them, so
+    """ext_proc and the Lua filter under names of their own, disabled unless a route enables them, so
     other routes never reach the processor and an existing ext_proc or Lua filter is not confused with them."""
     usage = {
-        "name": SNIPPET_USAGE_FILTER,
+        "name": SNIPPET_LUA_FILTER,
         "disabled": True,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "source_codes": {SNIPPET_USAGE_SOURCE: {"inline_string": USAGE_LUA}},
+            "source_codes": {SNIPPET_LUA_SOURCE: {"inline_string": ROUTER_LUA}},
         },
     }
     ext_proc = {
@@ -648,32 +717,36 @@ def snippet_http_filters(options: RenderOptions) -> list[dict[str, Any]]:
     return [ext_proc, usage]
 
 
-def snippet_route(config: RouterConfig) -> dict[str, Any]:
-    """The LLM route, enabling the snippet's filters for itself."""
+def snippet_routes(config: RouterConfig) -> list[dict[str, Any]]:
+    """The LLM routes, each enabling the snippet's filters it needs for itself."""
 
     def enable(per_route: dict[str, Any]) -> dict[str, Any]:
         return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": per_route}
 
-    route = llm_route(config)
-    assert route["name"] == LLM_ROUTE_NAME  # the snippet's logs and local replies are filtered on it
-    route["typed_per_filter_config"] = {
+    inference, control = llm_routes(config, SNIPPET_EXT_PROC_FILTER)
+    # the snippet's logs and local replies are filtered on these names
+    assert (inference["name"], control["name"]) == (LLM_ROUTE_NAME, CONTROL_ROUTE_NAME)
+    inference["typed_per_filter_config"] = {
         SNIPPET_EXT_PROC_FILTER: enable(
             {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "overrides": {}}
         ),
-        SNIPPET_USAGE_FILTER: enable(
+        SNIPPET_LUA_FILTER: enable(
             {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-             "name": SNIPPET_USAGE_SOURCE}
+             "name": SNIPPET_LUA_SOURCE}
         ),
     }
-    return route
+    control["typed_per_filter_config"] = {
+        name: enable(per_route) for name, per_route in control["typed_per_filter_config"].items()
+    }
+    return [inference, control]
 
 
 def snippet_local_reply_config() -> dict[str, Any]:
     """local_reply_config applies to every route of a connection manager (a direct_response is a local reply
-    too): each mapper is narrowed to the LLM route, so other routes keep their own bodies."""
+    too): each mapper is narrowed to the LLM routes, so other routes keep their own bodies."""
     mappers = []
     for mapper in local_reply_config()["mappers"]:
-        narrowed = {"and_filter": {"filters": [_cel_filter(ON_LLM_ROUTE), mapper["filter"]]}}
+        narrowed = {"and_filter": {"filters": [_cel_filter(ON_LLM_ROUTES), mapper["filter"]]}}
         mappers.append({**mapper, "filter": narrowed})
     return {"mappers": mappers}
 
@@ -684,7 +757,7 @@ def render_snippet(config: RouterConfig, options: RenderOptions) -> dict[str, An
         "http_filters": snippet_http_filters(options),
         "router_upstream_log": [_on_llm_route(attempt_access_log(options))],
         "access_log": [_on_llm_route(request_access_log(options))],
-        "route": snippet_route(config),
+        "routes": snippet_routes(config),
         "clusters": [processor_cluster(options), *upstream_clusters(config, options)],
         "runtime": _runtime(options),
         "listener_buffer_limit_bytes": config.max_request_bytes,
@@ -697,14 +770,15 @@ def render_snippet(config: RouterConfig, options: RenderOptions) -> dict[str, An
 SNIPPET_HEADER = """\
 # Envoy pieces for llm-extproc, to merge into an existing Envoy (see docs/deploy.md):
 #   http_filters                 -> the HTTP connection manager's http_filters, before the router (both are
-#                                   disabled by default; the LLM route enables them)
+#                                   disabled by default; the LLM routes enable them)
 #   router_upstream_log          -> append to the router filter's upstream_log
 #   access_log                   -> append to the HTTP connection manager's access_log
-#   route                        -> a virtual host's routes, after your own (it matches every path; keep its name)
+#   routes                       -> a virtual host's routes, after your own, in this order (together they match
+#                                   every path; keep their names)
 #   clusters                     -> static_resources.clusters (processor cluster, one cluster per deployment)
 #   runtime                      -> a static layer of layered_runtime
 #   listener_buffer_limit_bytes  -> the listener's per_connection_buffer_limit_bytes (at least this)
-#   local_reply_config           -> the HTTP connection manager's local_reply_config (narrowed to the LLM route)
+#   local_reply_config           -> the HTTP connection manager's local_reply_config (narrowed to the LLM routes)
 # Cluster names come from deployment ids: run the processor with the same config file.
 """
 

@@ -65,8 +65,8 @@ class Forward:
     """How Envoy must forward one request to one deployment (prebuilt, shared by all such requests)."""
 
     deployment: Deployment
-    set_headers: tuple[tuple[str, str], ...]
-    remove_headers: tuple[str, ...]
+    # cluster and timeouts, as dynamic metadata: Envoy's request-side Lua turns them into routing headers
+    routing: Mapping[str, str]
     keys: tuple[tuple[str, str], ...]  # key slot -> api-key for every deployment an attempt may reach
 
 
@@ -206,6 +206,7 @@ class Router:
         forward = group.forwards[stream][reservation.chosen]
         dep = forward.deployment
         metadata: dict[str, str | int | float | bool] = {
+            **forward.routing,
             "request_id": request_id,
             "operation": flow.operation,
             "model_id": dep.id,
@@ -332,24 +333,18 @@ class Router:
     def _forward(self, dep: Deployment, keys: tuple[tuple[str, str], ...], stream: bool) -> Forward:
         """Path, api-key and Host are set per attempt by the cluster's upstream filters (each retry may reach
         another deployment); the processor names the first choice and hands over the group's keys."""
-        headers = [(CLUSTER_HEADER, dep.cluster)]
+        routing = {"cluster": dep.cluster}
         if stream:
             # A stream may run longer than `timeout`; the route's idle timeout bounds the gaps instead
             # (what LiteLLM's httpx read timeout does). stream_timeout bounds each attempt's wait for the
             # response to start, and a deployment that misses it fails over to the next.
-            headers.append(("x-envoy-upstream-rq-timeout-ms", "0"))
+            routing["timeout_ms"] = "0"
             stream_timeout = dep.stream_timeout or self.config.stream_timeout
             if stream_timeout:
-                headers.append(("x-envoy-upstream-rq-per-try-timeout-ms", str(round(stream_timeout * 1000))))
+                routing["per_try_timeout_ms"] = str(round(stream_timeout * 1000))
         else:
-            headers.append(("x-envoy-upstream-rq-timeout-ms", str(round((dep.timeout or self.config.timeout) * 1000))))
-        return Forward(
-            deployment=dep,
-            set_headers=tuple(headers),
-            # The client's credentials never reach a deployment.
-            remove_headers=("authorization", "api-key"),
-            keys=keys,
-        )
+            routing["timeout_ms"] = str(round((dep.timeout or self.config.timeout) * 1000))
+        return Forward(deployment=dep, routing=routing, keys=keys)
 
     def _model_list(self) -> dict[str, object]:
         return {

@@ -21,6 +21,7 @@ import yaml
 from extproc.cli import main as cli_main
 from extproc.config import parse_config
 from extproc.envoy_render import (
+    CONTROL_ROUTE_NAME,
     LLM_ROUTE_NAME,
     SNIPPET_KEYS,
     RenderOptions,
@@ -114,7 +115,7 @@ def merge(existing: dict[str, Any], snippet: dict[str, Any]) -> dict[str, Any]:
     filters.append(router)
     hcm.setdefault("access_log", []).extend(snippet["access_log"])
     hcm["local_reply_config"] = snippet["local_reply_config"]
-    hcm["route_config"]["virtual_hosts"][0]["routes"].append(snippet["route"])  # after the existing routes
+    hcm["route_config"]["virtual_hosts"][0]["routes"].extend(snippet["routes"])  # after the existing routes
     listener["per_connection_buffer_limit_bytes"] = max(
         listener.get("per_connection_buffer_limit_bytes", 0), snippet["listener_buffer_limit_bytes"]
     )
@@ -212,10 +213,12 @@ def test_snippet_is_one_document_with_named_keys(tmp_path: Path) -> None:
     assert tuple(snippet) == SNIPPET_KEYS
     for key in SNIPPET_KEYS:  # the header says where each key goes
         assert f"#   {key} " in text
-    assert [f["name"] for f in snippet["http_filters"]] == ["llm.ext_proc", "llm.usage"]
+    assert [f["name"] for f in snippet["http_filters"]] == ["llm.ext_proc", "llm.lua"]
     assert all(f["disabled"] is True for f in snippet["http_filters"])
-    assert snippet["route"]["name"] == LLM_ROUTE_NAME
-    assert set(snippet["route"]["typed_per_filter_config"]) == {"llm.ext_proc", "llm.usage"}
+    inference, control = snippet["routes"]
+    assert (inference["name"], control["name"]) == (LLM_ROUTE_NAME, CONTROL_ROUTE_NAME)
+    assert set(inference["typed_per_filter_config"]) == {"llm.ext_proc", "llm.lua"}
+    assert set(control["typed_per_filter_config"]) == {"llm.ext_proc"}  # headers only, no Lua
     processor = snippet["clusters"][0]
     assert processor["type"] == "STRICT_DNS"  # a hostname was given
     address = processor["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
@@ -233,11 +236,17 @@ def test_snippet_carries_the_same_settings_as_the_full_bootstrap() -> None:
     full = render_bootstrap(config, options)
     hcm = full["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert snippet["http_filters"][0]["typed_config"] == hcm["http_filters"][0]["typed_config"]  # ext_proc
-    lua_source = snippet["http_filters"][1]["typed_config"]["source_codes"]["llm_usage"]
+    lua_source = snippet["http_filters"][1]["typed_config"]["source_codes"]["llm_lua"]
     assert lua_source == hcm["http_filters"][1]["typed_config"]["default_source_code"]
-    route = dict(snippet["route"])
-    route.pop("typed_per_filter_config")
-    assert route == hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    full_routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert len(snippet["routes"]) == len(full_routes) == 2
+    for route, full_route in zip(snippet["routes"], full_routes, strict=True):
+        route, full_route = dict(route), dict(full_route)
+        per_filter = route.pop("typed_per_filter_config")
+        full_per_filter = full_route.pop("typed_per_filter_config", {})
+        assert route == full_route
+        if full_per_filter:  # the control route's ext_proc override, wrapped to enable the disabled filter
+            assert per_filter["llm.ext_proc"]["config"] == full_per_filter["envoy.filters.http.ext_proc"]
     # Static clusters (an existing Envoy usually has a CDS of its own), the same ones the local target renders.
     assert snippet["clusters"] == [processor_cluster(options), *upstream_clusters(config, options)]
     assert snippet["clusters"][0] == full["static_resources"]["clusters"][0]

@@ -120,9 +120,15 @@ def test_filter_chain_processor_and_admin() -> None:
     names = [f["name"] for f in manager["http_filters"]]
     assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.lua", "envoy.filters.http.router"]
     ext_proc = manager["http_filters"][0]["typed_config"]
-    assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
+    # POSTs: one message (the body, with header facts as attributes); other methods: headers only
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SKIP"
     assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext_proc["processing_mode"]["response_header_mode"] == "SKIP"
+    assert "request.path" in ext_proc["request_attributes"]
+    inference, control = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert inference["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "POST"}}]
+    control_mode = control["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]["processing_mode"]
+    assert (control_mode["request_header_mode"], control_mode["request_body_mode"]) == ("SEND", "NONE")
     processor = clusters(doc)[PROCESSOR_CLUSTER]
     assert "http2_protocol_options" in str(processor["typed_extension_protocol_options"])
     assert processor["circuit_breakers"]["thresholds"][0]["max_requests"] >= 100000
