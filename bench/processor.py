@@ -1,11 +1,11 @@
 """The processor alone against a do-nothing ext_proc server: how much of the per-request CPU is ours.
 
-``python -m bench.processor`` starts, in turn, a minimal grpc.aio ExternalProcessor (answers both phases
-with constant responses, no parsing, no routing) and the real processor (``python -m extproc serve``), and
-drives each with a grpc.aio client in this process: one stream per request, request headers then a ~1 KB
-chat body, 16 streams at a time, as Envoy does. It reports streams per second and the server process's CPU
-per stream (utime + stime from /proc). The difference is what routing, accounting hooks and encoding cost;
-the minimal server's figure is the floor that grpc.aio itself sets.
+``python -m bench.processor`` starts, in turn, a minimal grpc.aio ExternalProcessor (answers with a constant
+response, no parsing, no routing) and the real processor (``python -m extproc serve``), and drives each with
+a grpc.aio client in this process: one stream per request carrying one message (a ~1 KB chat body with the
+request attributes Envoy adds), 16 streams at a time, as Envoy does for a POST. It reports streams per second
+and the server process's CPU per stream (utime + stime from /proc). The difference is what routing,
+accounting hooks and encoding cost; the minimal server's figure is the floor that grpc.aio itself sets.
 """
 
 from __future__ import annotations
@@ -20,24 +20,21 @@ from pathlib import Path
 
 import grpc
 import orjson
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 
 from extproc.launcher import free_port
+from extproc.protocol import EXT_PROC_ATTRIBUTES
 
 MINIMAL_SERVER = '''
 import asyncio, sys
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
 BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
 async def process(requests, context):
     async for request in requests:
-        if request.WhichOneof("request") == "request_headers":
-            yield HEADERS
-        else:
-            yield BODY
-            return
+        yield BODY
+        return
 async def main():
     server = grpc.aio.server()
     handler = grpc.stream_stream_rpc_method_handler(
@@ -57,14 +54,17 @@ model_list:
   - model_name: gpt-4o
     litellm_params: {model: azure/b, api_base: "https://b.openai.azure.com", api_key: kb}
 """
-HEADERS = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
-    base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in (
-        (":method", "POST"), (":path", "/v1/chat/completions"), (":authority", "llm"), (":scheme", "http"),
-        ("content-type", "application/json"), ("content-length", "1024"), ("x-request-id", "bench"),
-        ("user-agent", "OpenAI/Python 1.0"))
-])))
-BODY = pb.ProcessingRequest(request_body=pb.HttpBody(
-    body=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 900}]}), end_of_stream=True))
+BODY = pb.ProcessingRequest(
+    request_body=pb.HttpBody(
+        body=orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 900}]}),
+        end_of_stream=True,
+    ),
+    attributes={EXT_PROC_ATTRIBUTES: struct_pb2.Struct(fields={
+        "request.method": struct_pb2.Value(string_value="POST"),
+        "request.path": struct_pb2.Value(string_value="/v1/chat/completions"),
+        "request.id": struct_pb2.Value(string_value="0c5e4a8e-7d51-4c1f-9a55-3f6f0b1c2d3e"),
+    })},
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -84,8 +84,6 @@ async def drive(port: int, pid: int, streams: int, concurrency: int) -> tuple[fl
         async def one() -> None:
             async with gate:
                 call = method()
-                await call.write(HEADERS)
-                await call.read()
                 await call.write(BODY)
                 await call.read()
                 await call.done_writing()

@@ -95,40 +95,49 @@ class ExternalProcessor:
         return encoded
 
     async def process(
-        self, requests: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext[bytes, bytes]
-    ) -> AsyncIterator[bytes]:
+        self, requests: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, bytes],
+    ) -> None:
+        """Reads and writes through ``context`` rather than iterating ``requests`` and yielding: no async
+        generators on either side, about 25 µs less CPU per stream (measured with a do-nothing server)."""
         router = self.router  # a reload mid-request keeps this request on the config it started with
         flow: Flow | None = None
-        async for request in requests:
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            assert isinstance(request, pb.ProcessingRequest)
             phase = request.WhichOneof("request")
-            if phase == "request_headers":
-                result = self._on_headers(router, request.request_headers)
-                if isinstance(result, Reply):
-                    yield encode_reply(result)
-                    return
-                flow = result
-                yield _CONTINUE_HEADERS
-            elif phase == "request_body":
+            if phase == "request_body":
                 if flow is None:
-                    # Envoy skips the headers phase of POSTs: what the routing needs came as attributes.
+                    # A POST: Envoy skipped its headers phase; what the routing needs came as attributes.
                     result = self._on_attributes(router, request)
                     if isinstance(result, Reply):
-                        yield encode_reply(result)
+                        await context.write(encode_reply(result))
                         return
                     flow = result
-                started = time.perf_counter()
-                decision = await router.on_body(flow, request.request_body.body)
-                self.metrics.decisions.observe(time.perf_counter() - started)
-                if isinstance(decision, Reply):
-                    yield encode_reply(decision)
-                    return
-                # If the client leaves before Envoy applies this, Envoy's access log reports the request
-                # without routing metadata and the reservation is released from there (accounting.py).
-                yield self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
+                await context.write(await self._decide(router, flow, request.request_body.body))
                 return
+            if phase == "request_headers":  # other methods; every request if Envoy sends headers
+                result = self._on_headers(router, request.request_headers)
+                if isinstance(result, Reply):
+                    await context.write(encode_reply(result))
+                    return
+                flow = result
+                await context.write(_CONTINUE_HEADERS)
             else:
                 # Phases we did not ask for (trailers, response side): let them pass unchanged.
-                yield _passthrough(phase)
+                await context.write(_passthrough(phase))
+
+    async def _decide(self, router: Router, flow: Flow, body: bytes) -> bytes:
+        started = time.perf_counter()
+        decision = await router.on_body(flow, body)
+        self.metrics.decisions.observe(time.perf_counter() - started)
+        if isinstance(decision, Reply):
+            return encode_reply(decision)
+        # If the client leaves before Envoy applies this, Envoy's access log reports the request without
+        # routing metadata and the reservation is released from there (accounting.py).
+        return self._encode_forward(decision.forward) + encode_metadata(decision.metadata)
 
     @staticmethod
     def _on_attributes(router: Router, request: pb.ProcessingRequest) -> Flow | Reply:

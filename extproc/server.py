@@ -37,9 +37,10 @@ def grpc_options(config: RouterConfig) -> list[tuple[str, int]]:
 class ProcessorServer:
     def __init__(
         self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051, metrics_port: int | None = None,
-        metrics_host: str = "127.0.0.1",
+        metrics_host: str = "127.0.0.1", socket_path: str | None = None,
     ) -> None:
         self.metrics_host = metrics_host
+        self.socket_path = socket_path  # a Unix socket instead of host:port
         self.config_path = Path(config_path)
         self.host = host
         self.port = port
@@ -58,7 +59,12 @@ class ProcessorServer:
         add_to_server(server, self.processor)
         accounting.add_to_server(server, self.access_log)
         xds.add_to_server(server, self.discovery)
-        bound: int = server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.socket_path is not None:
+            Path(self.socket_path).unlink(missing_ok=True)  # left behind by a processor that was killed
+            server.add_insecure_port(f"unix:{self.socket_path}")
+            bound = 0
+        else:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
         self.port = bound
@@ -69,11 +75,15 @@ class ProcessorServer:
             )
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         log.info(
-            "processor listening on %s:%d; %d deployments in %d model groups; strategy %s; counters: %s",
-            self.host, bound, len(self.config.deployments), len(self.config.groups),
+            "processor listening on %s; %d deployments in %d model groups; strategy %s; counters: %s",
+            self.address, len(self.config.deployments), len(self.config.groups),
             self.config.routing_strategy, redis_endpoint_for_display(self.config.redis_url),
         )
         return bound
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}" if self.socket_path is not None else f"{self.host}:{self.port}"
 
     def reload(self) -> bool:
         """Apply an edited config without failing a request; a bad one is rejected and the old one serves on.
@@ -133,10 +143,11 @@ def make_store(config: RouterConfig) -> CounterStore:
 
 
 async def serve(
-    config_path: str | Path, host: str, port: int, metrics_port: int | None = None, metrics_host: str = "127.0.0.1"
+    config_path: str | Path, host: str, port: int, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+    socket_path: str | None = None,
 ) -> None:
-    server = ProcessorServer(config_path, host, port, metrics_port, metrics_host)
+    server = ProcessorServer(config_path, host, port, metrics_port, metrics_host, socket_path)
     await server.start()
     metrics = f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if metrics_port is not None else ""
-    print(f"processor ready on {host}:{server.port}{metrics}", flush=True)
+    print(f"processor ready on {server.address}{metrics}", flush=True)
     await server.run_until_signalled()

@@ -15,7 +15,7 @@ import pytest
 from extproc.launcher import Stack
 from extproc.mock_azure import Fault
 
-from .conftest import Mock
+from .conftest import Mock, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +112,20 @@ def test_alias_routes_to_target_group_and_headers_name_the_deployment(
     ids = {d.deployment: d.id for d in stack.config.deployments}
     assert raw.headers["x-litellm-model-id"] == ids[served]
     assert len(a.served()) + len(b.served()) == 1
+
+
+@pytest.mark.parametrize("unix_sockets", [True, False], ids=["unix-socket", "tcp"])
+def test_processor_transports(unix_sockets: bool, mock_factory: MockFactory, stack_factory: StackFactory) -> None:
+    """The local stack talks to its processors over Unix sockets; `serve --port` (other hosts, containers) over
+    TCP. Both carry decisions, replies, the access log and the clusters."""
+    a, b = mock_factory("ka", "a"), mock_factory("kb", "b")
+    stack = stack_factory(two_deployments(a, b), unix_sockets=unix_sockets)
+    assert all(address.startswith("unix:") == unix_sockets for address in stack.processor_addresses)
+    assert ("pipe:" in stack.envoy_config_path.read_text()) == unix_sockets
+    completion = client(stack).chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert completion.choices[0].message.content
+    assert [m.id for m in client(stack).models.list()] == ["gpt-3.5-turbo", "gpt-4"]
+    assert wait_for(lambda: stack.metric("litellm_deployment_success_responses") == 1)  # the access log came back
 
 
 def test_azure_client_embeddings_completions_and_models(mock_factory: MockFactory, stack_factory: StackFactory) -> None:

@@ -101,6 +101,20 @@ def test_failover_clusters_put_the_primary_first_and_never_hold_keys() -> None:
     assert SEED_ENV["AZURE_API_KEY_A"] not in text.replace("key_", "") and "key-b" not in text
 
 
+def test_processors_on_unix_sockets(tmp_path: Path) -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    sockets = ("/run/llm/processor-0.sock", "/run/llm/processor-1.sock")
+    options = RenderOptions(processor_sockets=sockets)
+    doc = render_bootstrap(config, options)
+    processor = clusters(doc)[PROCESSOR_CLUSTER]
+    assert processor["type"] == "STATIC"
+    addresses = [e["endpoint"]["address"] for e in processor["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert addresses == [{"pipe": {"path": path}} for path in sockets]
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(doc))
+    assert validate_envoy_config(out).returncode == 0
+
+
 def test_plain_http_for_local_endpoints() -> None:
     config = parse_config(
         'model_list: [{model_name: m, litellm_params: {model: azure/d, api_base: "http://127.0.0.1:8080", '
