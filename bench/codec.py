@@ -7,6 +7,9 @@ One "request" is the protobuf work extproc/protocol.py does for one inference ca
 3. build and serialize the headers-phase ProcessingResponse (an empty HeadersResponse);
 4. build and serialize the body-phase ProcessingResponse (header mutation, clear_route_cache, dynamic metadata).
 
+This is the two-message exchange the processor used before POSTs went to one message (body plus request
+attributes, decision as dynamic metadata); it stays the workload because it is a superset of the codec work
+per request either way, and the comparison between the two libraries is what this benchmark is for.
 Only the codec is timed: no gRPC, no routing, no JSON parsing of the body. The xds-protos half runs in this
 interpreter. envoy-data-plane must stay out of the project's venv, so its half runs in a subprocess
 (``python -m bench.codec --worker``) inside a cached venv at .bench-venv/codec-dataplane, created on first use.

@@ -60,7 +60,6 @@ BODY = pb.ProcessingRequest(
         end_of_stream=True,
     ),
     attributes={EXT_PROC_ATTRIBUTES: struct_pb2.Struct(fields={
-        "request.method": struct_pb2.Value(string_value="POST"),
         "request.path": struct_pb2.Value(string_value="/v1/chat/completions"),
         "request.id": struct_pb2.Value(string_value="0c5e4a8e-7d51-4c1f-9a55-3f6f0b1c2d3e"),
     })},

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit", action="store_true", help="exit after the sample instead of serving")
 
     sub.add_parser("mock", help="run a mock Azure OpenAI resource (flags: see `mock --help`)")
+
+    redact = sub.add_parser("redact", help="copy stdin to stdout with the config's secrets and credential "
+                                           "headers masked (pipe an Envoy you run yourself through it)")
+    redact.add_argument("--config", required=True)
     return parser
 
 
@@ -125,6 +129,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             Path(args.out).write_text(text)
         else:
             sys.stdout.write(text)
+        return 0
+    if args.command == "redact":
+        from .redact import Redactor
+
+        Redactor(load_config(args.config).secrets()).pump(sys.stdin.buffer, sys.stdout.buffer).join()
         return 0
     if args.command == "serve":
         from .server import serve

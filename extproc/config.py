@@ -279,6 +279,15 @@ class RouterConfig:
             return alias.target
         return model if model in self.groups else None
 
+    def secrets(self) -> set[str]:
+        """Every credential the file holds: deployment api-keys, the master key, the Redis password."""
+        found = {dep.api_key for dep in self.deployments}
+        if self.master_key:
+            found.add(self.master_key)
+        if self.redis_url and urlsplit(self.redis_url).password:
+            found.add(str(urlsplit(self.redis_url).password))
+        return found
+
     def public_model_names(self) -> list[str]:
         names = list(self.groups)
         names += [name for name, alias in self.aliases.items() if not alias.hidden and name not in self.groups]

