@@ -18,6 +18,7 @@ PRODUCT_SYSTEMS = ("shuffle", "usage-redis", "usage-redis-2p")
 TARGET_RATIO_TO_LITELLM = 15.0
 TARGET_P99_MS = 10.0
 TARGET_PROCESSOR_US = 150.0
+TARGET_TTFB_EXCESS_MS = 1.0  # streams: time to first event within this of plain Envoy (p50)
 X = "\N{MULTIPLICATION SIGN}"  # by name: the literal sign is flagged as a confusable "x" (RUF001)
 
 
@@ -86,7 +87,9 @@ def summarize_ttfb(samples: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 # --- targets --------------------------------------------------------------------------------------------------
 
 
-def check_targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def check_targets(
+    summary: dict[str, dict[str, dict[str, Any]]], ttfb: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
     product = summary.get("usage-redis", {}).get("c16")
     litellm = summary.get(LITELLM, {}).get("c16")
@@ -109,6 +112,17 @@ def check_targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[st
         checks.append(_check(
             f"{system}, 16 connections: processor CPU ≤ 150 µs per request", f"{cpu:.0f} µs",
             cpu <= TARGET_PROCESSOR_US,
+        ))
+    floor = (ttfb or {}).get(ENVOY)
+    for system in PRODUCT_SYSTEMS:
+        streamed = (ttfb or {}).get(system)
+        if not floor or not streamed:
+            continue
+        excess = streamed["to_first_chunk_ms"]["p50"] - floor["to_first_chunk_ms"]["p50"]
+        checks.append(_check(
+            f"{system}, streams: time to first event ≤ plain Envoy + 1 ms (p50)",
+            f"+{excess:.2f} ms ({streamed['to_first_chunk_ms']['p50']:.2f} vs {floor['to_first_chunk_ms']['p50']:.2f})",
+            excess <= TARGET_TTFB_EXCESS_MS,
         ))
     return checks
 

@@ -455,7 +455,7 @@ def finish(
         "skipped": skipped,
         "summary": summary,
         "ttfb": report.summarize_ttfb(ttfb),
-        "targets": report.check_targets(summary),
+        "targets": report.check_targets(summary, report.summarize_ttfb(ttfb)),
         "points": points,
         "profile": profile,
     }

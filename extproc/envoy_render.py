@@ -127,8 +127,8 @@ def _lua_string(text: str) -> str:
 
 # Envoy sends a POST to the processor once, with its body (headers skipped, so one gRPC message per
 # request); decisions come back as dynamic metadata, and this turns them into the headers the route and the
-# router read. ext_proc holds the headers until its body response arrives, so the decision is there when
-# this runs; handle:body() only waits in case it is not. A POST without a body never reaches the processor.
+# router read. ext_proc lets the headers pass at once and holds only the body, so this waits for the body
+# (handle:body()): ext_proc releases it with the decision. A POST without a body never reaches the processor.
 _BODY_REQUIRED = errors.body_required()
 DECISION_LUA = """
 function envoy_on_request(handle)
