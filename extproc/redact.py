@@ -24,7 +24,9 @@ _HEADER_RULES = (
     re.compile(rb"('(?:" + _NAMES + rb")', ')[^']*(')", re.IGNORECASE),
     # protobuf text of ext_proc messages: key: "api-key" ... value / raw_value: "value"
     re.compile(rb'(key: "(?:' + _NAMES + rb')"\s*(?:raw_)?value: ")(?:[^"\\]|\\.)*(")', re.IGNORECASE),
-    # raw HTTP/1 header lines (codec traces): api-key: value
+    # the HTTP/1 codec's trace of each parsed header: completed header: key=authorization value=Bearer ...
+    re.compile(rb"(key=(?:" + _NAMES + rb") value=)[^\r\n]*()", re.IGNORECASE),
+    # raw HTTP/1 header lines: api-key: value
     re.compile(rb"((?:^|\\r\\n|\r\n|\s)(?:" + _NAMES + rb"):[ \t]*)[^\r\n\\]*()", re.IGNORECASE),
 )
 

@@ -26,6 +26,8 @@ def test_credential_headers_are_masked_whatever_their_value() -> None:
     assert redactor.line(b"'authorization', 'Bearer guess-1'\n") == b"'authorization', '[redacted]'\n"
     assert redactor.line(b"'API-Key', 'abc'\n") == b"'API-Key', '[redacted]'\n"
     assert redactor.line(b"'content-type', 'application/json'\n") == b"'content-type', 'application/json'\n"
+    codec = b"[trace][http] completed header: key=Authorization value=Bearer guess-2\n"
+    assert redactor.line(codec) == b"[trace][http] completed header: key=Authorization value=[redacted]\n"
     proto = b'headers { key: "api-key" raw_value: "abc\\"def" }'
     assert redactor.line(proto) == b'headers { key: "api-key" raw_value: "[redacted]" }'
     raw = b"POST /x HTTP/1.1\\r\\nhost: a\\r\\napi-key: abc\\r\\ncookie: s=1\\r\\n"
