@@ -1,6 +1,6 @@
 """Per-decision cost of each routing strategy, in process (``python -m bench.decision``).
 
-Runs the processor's body phase (JSON parse, alias, strategy, reservation, response encoding) for every
+Runs the processor's routing decision (JSON parse, alias, strategy, reservation, response encoding) for every
 strategy, with the memory store and with a real redis-server started for the run, and reports processor CPU
 per decision and Redis commands sent per decision. No Envoy and no gRPC: this isolates the routing work that
 the strategies differ in; the end-to-end cost per request is in docs/benchmarks/results.md.

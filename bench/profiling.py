@@ -203,10 +203,9 @@ def interpretation(native: dict[str, Any], cpu_us: float) -> list[str]:
     if grpc + loop > 0.5:
         lines.append(
             "- So most of the cost per request is the transport, not the routing decision: every request is an "
-            "ext_proc stream with two messages each way plus an access-log entry, and each crosses grpc.aio's "
+            "ext_proc stream with one message each way plus an access-log entry, and each crosses grpc.aio's "
             "thread hand-off and the event loop. Making the routing code faster cannot get far below that floor; "
-            "fewer gRPC events per request (one message instead of two, batching) or a cheaper gRPC server is "
-            "the lever."
+            "fewer gRPC events per request or a cheaper gRPC server is the lever."
         )
     else:
         lines.append("- Most of the cost is in the product's own code: that is where to optimize first.")

@@ -53,7 +53,7 @@ ORPHAN_RELEASE_DELAY_S = 3.0
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """What the headers phase learned about an inference request, for the body phase."""
+    """What the request's headers say about an inference call (path, request id), for the decision."""
 
     operation: str
     path_model: str | None  # the Azure form names the model in the path; it wins over the body
@@ -122,7 +122,7 @@ class Router:
     def groups(self) -> Mapping[str, _Group]:
         return self._groups
 
-    # -- headers phase ---------------------------------------------------------------------------------
+    # -- headers: path, method, auth (every request) ---------------------------------------------------
 
     def on_headers(self, method: str, path: str, headers: Mapping[str, str], end_of_stream: bool) -> Flow | Reply:
         route = path.split("?", 1)[0]
@@ -168,7 +168,7 @@ class Router:
                 return operation, model
         return None
 
-    # -- body phase ------------------------------------------------------------------------------------
+    # -- body: the routing decision (inference calls) --------------------------------------------------
 
     async def on_body(self, flow: Flow, body: bytes) -> Routed | Reply:
         try:
