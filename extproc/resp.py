@@ -2,7 +2,7 @@
 
 redis-py's asyncio client costs ~150 µs of CPU per call (connection pool, command packing, response
 callbacks); this costs a fraction: concurrent callers share one connection, each request is one socket
-write, replies are parsed by hiredis and handed back in order. Everything off the hot path (settling
+write, replies are parsed by hiredis as they arrive and handed back in order. Everything off the hot path (settling
 batches, cooldowns, metrics) keeps using redis-py.
 """
 
@@ -19,6 +19,48 @@ class RespError(Exception):
     """An error reply from Redis (for example NOSCRIPT)."""
 
 
+class _RespProtocol(asyncio.Protocol):
+    """Replies are parsed and handed to their callers in ``data_received`` itself: no reader task, no
+    StreamReader buffer, one event-loop step from socket to caller."""
+
+    def __init__(self) -> None:
+        self.parser = hiredis.Reader()
+        self.pending: collections.deque[asyncio.Future[object]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        try:
+            while (reply := self.parser.gets()) is not False:
+                future = self.pending.popleft()
+                if future.done():
+                    continue  # its caller timed out; the reply stream stays in order
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(RespError(str(reply)))
+                else:
+                    future.set_result(reply)
+        except hiredis.ProtocolError as exc:
+            self._fail(ConnectionError(f"redis protocol error: {exc}"))
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"redis connection failed: {exc}" if exc else "redis connection closed"
+        self._fail(ConnectionError(reason))
+
+    def _fail(self, error: BaseException) -> None:
+        self.closed = True
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
 class RespConnection:
     def __init__(self, url: str, timeout: float = 0.5) -> None:
         parts = urlsplit(url)
@@ -30,64 +72,35 @@ class RespConnection:
         self._password = unquote(parts.password) if parts.password else None
         self._db = int(parts.path.lstrip("/") or 0)
         self._timeout = timeout
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: collections.deque[asyncio.Future[object]] = collections.deque()
+        self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
-        self._reader_task: asyncio.Task[None] | None = None
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    async def _connect(self) -> _RespProtocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._writer is not None:
-                return self._writer
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port), self._timeout
+            if self._protocol is not None and not self._protocol.closed:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            _transport, protocol = await asyncio.wait_for(
+                loop.create_connection(_RespProtocol, self._host, self._port), self._timeout
             )
-            self._writer = writer
-            self._reader_task = asyncio.ensure_future(self._read(reader, writer))
             if self._password is not None:
                 auth = [b"AUTH", self._password.encode()]
                 if self._username:
                     auth.insert(1, self._username.encode())
-                await self._send(writer, auth)
+                await self._send(protocol, auth)
             if self._db:
-                await self._send(writer, [b"SELECT", str(self._db).encode()])
-            return writer
+                await self._send(protocol, [b"SELECT", str(self._db).encode()])
+            self._protocol = protocol
+            return protocol
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = hiredis.Reader()
-        error: BaseException = ConnectionError("redis connection closed")
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future = self._pending.popleft()
-                    if future.done():
-                        continue  # its caller timed out; the reply stream stays in order
-                    if isinstance(reply, hiredis.ReplyError):
-                        future.set_exception(RespError(str(reply)))
-                    else:
-                        future.set_result(reply)
-        except (OSError, hiredis.ProtocolError) as exc:
-            error = ConnectionError(f"redis connection failed: {exc}")
-        finally:
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            while self._pending:
-                future = self._pending.popleft()
-                if not future.done():
-                    future.set_exception(error)
-
-    async def _send(self, writer: asyncio.StreamWriter, args: list[bytes]) -> object:
+    async def _send(self, protocol: _RespProtocol, args: list[bytes]) -> object:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self._pending.append(future)
-        writer.write(_pack(args))
+        protocol.pending.append(future)
+        assert protocol.transport is not None
+        protocol.transport.write(_pack(args))
         # A timer on the future itself: asyncio.wait_for would wrap every call in another task.
         timer = loop.call_later(self._timeout, _expire, future)
         try:
@@ -96,15 +109,15 @@ class RespConnection:
             timer.cancel()
 
     async def call(self, *args: bytes | str | int) -> object:
-        writer = self._writer or await self._connect()
-        return await self._send(writer, [a if isinstance(a, bytes) else str(a).encode() for a in args])
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        return await self._send(protocol, [a if isinstance(a, bytes) else str(a).encode() for a in args])
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
 
 
 def _expire(future: asyncio.Future[object]) -> None:
