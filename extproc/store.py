@@ -80,7 +80,6 @@ class SampleSettings:
 
 class CounterStore(abc.ABC):
     backend: str = "abstract"
-    suspends: bool = True  # reserve() waits on I/O (so a cancellation can land in the middle of it)
 
     @abc.abstractmethod
     async def reserve(
@@ -132,7 +131,6 @@ class MemoryStore(CounterStore):
     """Per-process counters: exact for one processor, per processor when several run without Redis."""
 
     backend = "memory"
-    suspends = False  # reserve() never awaits: it completes or never starts
 
     def __init__(
         self, samples: SampleSettings | None = None, clock: collections.abc.Callable[[], float] = time.monotonic

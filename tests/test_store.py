@@ -212,3 +212,36 @@ async def test_cooldown_after_allowed_fails_and_never_shortened(store: CounterSt
     assert 4 < (await store.states("g", (B,)))[0].cooldown_s <= 5
     await store.record_failures([("g", "dep-b", Failure(cooldown_s=1.0, immediate=True, allowed_fails=2))])
     assert (await store.states("g", (B,)))[0].cooldown_s > 4  # a shorter cooldown does not cut it short
+
+
+async def test_a_decision_cancelled_mid_reservation_gives_its_lease_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Envoy drops the ext_proc stream while the EVALSHA is in flight (the client left): the reservation still
+    lands in Redis, and the router releases it by request id once it must have."""
+    from extproc import routing
+    from extproc.config import parse_config
+
+    monkeypatch.setattr(routing, "ORPHAN_RELEASE_DELAY_S", 0.2)
+    config = parse_config(
+        'model_list: [{model_name: m, litellm_params: {model: azure/d, api_base: "https://r.openai.azure.com", '
+        f"api_key: k}}}}]\nrouter_settings: {{routing_strategy: least-busy, redis_url: '{redis_url}'}}",
+        environ={},
+    )
+    store = RedisStore(redis_url, prefix="cancel")
+    router = routing.Router(config, store)
+    candidates = router.groups()["m"].candidates
+    body = b'{"model": "m", "messages": []}'
+    # a first decision opens the connection, so the next EVALSHA is written at once
+    assert isinstance(await router.on_body(routing.Flow("chat/completions", None, "warm"), body), routing.Routed)
+    assert (await store.states("m", candidates))[0].in_flight == 1
+    deciding = asyncio.ensure_future(router.on_body(routing.Flow("chat/completions", None, "gone-1"), body))
+    await asyncio.sleep(0)  # the EVALSHA is on its way; its reply has not been read
+    deciding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deciding
+    await asyncio.sleep(0.05)
+    assert (await store.states("m", candidates))[0].in_flight == 2  # it did land
+    await asyncio.sleep(0.4)
+    assert (await store.states("m", candidates))[0].in_flight == 1  # released; the warm-up request remains
+    await store.close()
