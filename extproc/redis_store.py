@@ -28,8 +28,8 @@ _KINDS = ("w", "t", "b", "l", "f", "c", "x")  # window, tokens, leases, latency,
 
 # KEYS: per candidate (in candidate order) window zset, token sum, lease zset, latency list, ttft list,
 #       cooldown marker, failure counter (7 each).
-# ARGV: request id, tokens, lease ms, window ms, sample ttl ms, then per candidate rpm and tpm (0 = none),
-#       then the preference order (1-based candidate indexes).
+# ARGV: request id, tokens, lease ms, window ms, sample ttl ms (0: leave the latency means out), then per
+#       candidate rpm and tpm (0 = none), then the preference order (1-based candidate indexes).
 # Returns: chosen index (0 = none), now (ms), then per candidate rpm_used, tpm_used, in_flight, frees_in_ms,
 #          latency mean, ttft mean (as strings; "" when no sample), cooldown ms left.
 RESERVE = """
@@ -79,8 +79,10 @@ for i = 1, n do
   local oldest = redis.call('ZRANGE', w, 0, 0, 'WITHSCORES')
   local frees_in = 0
   if #oldest > 0 then frees_in = tonumber(oldest[2]) + window - now end
-  local means = {}
-  for k, key in ipairs({l, f}) do
+  local means = {'', ''}
+  local sampled = {}
+  if sample_ttl > 0 then sampled = {l, f} end  -- 0: the caller does not need the means
+  for k, key in ipairs(sampled) do
     local samples = redis.call('LRANGE', key, 0, -1)
     local sum, count = 0, 0
     for _, s in ipairs(samples) do
@@ -184,9 +186,8 @@ class RedisStore(CounterStore):
         tokens: int, lease_s: float,
     ) -> Reservation:
         keys: list[str] = []
-        args: list[str | int] = [
-            request_id, tokens, int(lease_s * 1000), int(WINDOW_S * 1000), int(self._samples.ttl_s * 1000)
-        ]
+        sample_ttl_ms = int(self._samples.ttl_s * 1000) if self._samples.in_decisions else 0
+        args: list[str | int] = [request_id, tokens, int(lease_s * 1000), int(WINDOW_S * 1000), sample_ttl_ms]
         for candidate in candidates:
             keys += self.keys(group, candidate.key)
             args += [candidate.rpm or 0, candidate.tpm or 0]

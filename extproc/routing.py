@@ -355,4 +355,7 @@ class Router:
 
 def samples_of(config: RouterConfig) -> SampleSettings:
     args = config.strategy_args
-    return SampleSettings(max_samples=args.max_latency_list_size, ttl_s=args.ttl)
+    return SampleSettings(
+        max_samples=args.max_latency_list_size, ttl_s=args.ttl,
+        in_decisions=config.routing_strategy == "latency-based-routing",
+    )

@@ -76,6 +76,9 @@ class Outcome:
 class SampleSettings:
     max_samples: int = 10
     ttl_s: float = 3600.0
+    # Only latency-based routing orders on the means; other strategies leave them out of each decision
+    # (half of Redis' time per decision) and read them when asked (metrics).
+    in_decisions: bool = True
 
 
 class CounterStore(abc.ABC):

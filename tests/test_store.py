@@ -87,6 +87,21 @@ async def test_latency_window_keeps_the_newest_samples(store: CounterStore) -> N
     assert (await store.states("g", (B,)))[0].latency is None
 
 
+async def test_redis_decisions_leave_latency_out_unless_the_strategy_orders_on_it(redis_url: str) -> None:
+    """Computing the means is half of Redis' time per decision: only latency-based routing pays for it;
+    metrics still read them (states)."""
+    for in_decisions in (False, True):
+        samples = SampleSettings(max_samples=3, ttl_s=3600, in_decisions=in_decisions)
+        store = RedisStore(redis_url, prefix=f"means-{in_decisions}", samples=samples)
+        await store.settle([outcome("dep-a", f"x{i}", 1, latency=2.0, ttft=0.5) for i in range(3)])
+        decided = (await store.reserve("g", (A,), (0,), "r", 1, 30)).states[0]
+        assert (decided.latency, decided.ttft) == ((2.0, 0.5) if in_decisions else (None, None))
+        assert store.snapshot("g", (A,))[0].latency == decided.latency
+        asked = (await store.states("g", (A,)))[0]
+        assert (asked.latency, asked.ttft) == (pytest.approx(2.0), pytest.approx(0.5))
+        await store.close()
+
+
 async def test_empty_order_admits_nothing(store: CounterStore) -> None:
     reservation = await store.reserve("g", (A, B), (), "r", 1, 30)
     assert reservation.chosen is None
