@@ -6,7 +6,6 @@ a given Forward never change, so they are serialized once and reused as bytes.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -19,8 +18,6 @@ from google.protobuf import struct_pb2
 from .errors import Reply
 from .metrics import Metrics
 from .routing import KEYS_NAMESPACE, METADATA_NAMESPACE, Flow, Forward, Router
-
-log = logging.getLogger("extproc.protocol")
 
 # Envoy's local-reply mapper leaves replies whose details start with this alone (they are already JSON).
 PROCESSOR_REPLY_DETAILS_PREFIX = "llm_router"
