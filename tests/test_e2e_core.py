@@ -114,12 +114,15 @@ def test_alias_routes_to_target_group_and_headers_name_the_deployment(
     assert len(a.served()) + len(b.served()) == 1
 
 
-@pytest.mark.parametrize("unix_sockets", [True, False], ids=["unix-socket", "tcp"])
-def test_processor_transports(unix_sockets: bool, mock_factory: MockFactory, stack_factory: StackFactory) -> None:
+@pytest.mark.parametrize(("unix_sockets", "event_loop"), [(True, "uvloop"), (False, "asyncio")],
+                         ids=["unix-socket-uvloop", "tcp-asyncio"])
+def test_processor_transports(
+    unix_sockets: bool, event_loop: str, mock_factory: MockFactory, stack_factory: StackFactory
+) -> None:
     """The local stack talks to its processors over Unix sockets; `serve --port` (other hosts, containers) over
-    TCP. Both carry decisions, replies, the access log and the clusters."""
+    TCP. Both carry decisions, replies, the access log and the clusters, on either event loop."""
     a, b = mock_factory("ka", "a"), mock_factory("kb", "b")
-    stack = stack_factory(two_deployments(a, b), unix_sockets=unix_sockets)
+    stack = stack_factory(two_deployments(a, b), unix_sockets=unix_sockets, event_loop=event_loop)
     assert all(address.startswith("unix:") == unix_sockets for address in stack.processor_addresses)
     assert ("pipe:" in stack.envoy_config_path.read_text()) == unix_sockets
     completion = client(stack).chat.completions.create(model="gpt-4", messages=MESSAGES)
