@@ -129,17 +129,15 @@ def _lua_string(text: str) -> str:
 # request); decisions come back as dynamic metadata, and this turns them into the headers the route and the
 # router read. ext_proc lets the headers pass at once and holds only the body, so this waits for the body
 # (handle:body()): ext_proc releases it with the decision. A POST without a body never reaches the processor.
+# (Other methods never get here: the processor answers all of them itself.)
 _BODY_REQUIRED = errors.body_required()
 DECISION_LUA = """
 function envoy_on_request(handle)
+  handle:body()
   local routed = handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__")
   if routed == nil then
-    handle:body()
-    routed = handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__")
-    if routed == nil then
-      handle:respond({[":status"] = "__STATUS__", ["content-type"] = "application/json"}, __BODY__)
-      return
-    end
+    handle:respond({[":status"] = "__STATUS__", ["content-type"] = "application/json"}, __BODY__)
+    return
   end
   local headers = handle:headers()
   headers:replace("__CLUSTER_HEADER__", routed["cluster"])
@@ -150,7 +148,7 @@ function envoy_on_request(handle)
 end
 """.replace("__ROUTED_NS__", METADATA_NAMESPACE).replace("__CLUSTER_HEADER__", CLUSTER_HEADER).replace(
     "__STATUS__", str(_BODY_REQUIRED.status)).replace("__BODY__", _lua_string(_BODY_REQUIRED.body.decode()))
-# One Lua filter for both directions (one coroutine per request instead of two).
+# One Lua filter for both directions (one filter instance per request instead of two).
 ROUTER_LUA = DECISION_LUA + USAGE_LUA
 
 
@@ -407,7 +405,8 @@ def llm_route(config: RouterConfig) -> dict[str, Any]:
                 "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
             },
         },
-        # Our routing header has done its job once the route is chosen: Azure never sees it.
+        # Our routing header has done its job once the route is chosen, and the client's credentials never
+        # reach a deployment (each attempt's api-key is set by the cluster's upstream filters).
         "request_headers_to_remove": [CLUSTER_HEADER, "authorization", "api-key"],
         "response_headers_to_add": [
             {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
