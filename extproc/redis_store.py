@@ -246,8 +246,25 @@ class RedisStore(CounterStore):
         ])
 
     async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[str | int]]]) -> None:
-        """One round trip for a batch of script calls. EVALSHA directly, not redis-py's Script objects,
-        which add a SCRIPT EXISTS round trip to every pipeline; a NOSCRIPT (Redis restarted) loads it once."""
+        """One round trip for a batch of script calls, on the lean connection when there is one (redis-py's
+        pipeline costs ~40 µs of CPU per settled request). A NOSCRIPT (Redis restarted) loads the script once
+        and retries just the calls that got it."""
+        if self._lean is not None:
+            commands: list[list[bytes | str | int]] = [
+                [b"EVALSHA", script.sha, len(keys), *keys, *args] for keys, args in calls
+            ]
+            for attempt in range(2):
+                replies = await self._lean.call_many(commands)
+                failed = [(command, reply) for command, reply in zip(commands, replies, strict=True)
+                          if isinstance(reply, RespError)]
+                if not failed:
+                    return
+                if attempt or not all("NOSCRIPT" in str(reply) for _, reply in failed):
+                    raise RedisError(str(failed[0][1]))
+                await self._lean.call(b"SCRIPT", b"LOAD", str(script.script))
+                commands = [command for command, _ in failed]
+            return
+        # EVALSHA directly, not redis-py's Script objects, which add a SCRIPT EXISTS round trip per pipeline.
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
             for keys, args in calls:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import typing
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -115,10 +116,42 @@ class RespConnection:
             protocol = await self._connect()
         return await self._send(protocol, [a if isinstance(a, bytes) else str(a).encode() for a in args])
 
+    async def call_many(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[object]:
+        """Several commands in one write (a pipeline): their replies in order, an error reply as a RespError
+        in its place rather than raised."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[object]] = []
+        for _ in commands:
+            futures.append(loop.create_future())
+        protocol.pending.extend(futures)
+        assert protocol.transport is not None
+        protocol.transport.write(b"".join(
+            _pack([a if isinstance(a, bytes) else str(a).encode() for a in args]) for args in commands
+        ))
+        timer = loop.call_later(self._timeout, _expire_all, futures)
+        replies: list[object] = []
+        try:
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except RespError as exc:
+                    replies.append(exc)
+        finally:
+            timer.cancel()
+        return replies
+
     async def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+
+def _expire_all(futures: list[asyncio.Future[object]]) -> None:
+    for future in futures:
+        _expire(future)
 
 
 def _expire(future: asyncio.Future[object]) -> None:

@@ -190,17 +190,31 @@ async def test_redis_settle_is_one_pipeline(redis_url: str) -> None:
     store = RedisStore(redis_url, prefix="p")
     for i in range(5):
         await store.reserve("g", (B,), (0,), f"r{i}", 10, 30)
+    assert store._lean is not None
     calls: list[int] = []
-    original: Callable[..., Any] = store._redis.pipeline
+    original: Callable[..., Any] = store._lean.call_many
 
-    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return original(*args, **kwargs)
+    async def counting_call_many(commands: Any) -> Any:
+        calls.append(len(commands))
+        return await original(commands)
 
-    store._redis.pipeline = counting_pipeline  # type: ignore[method-assign]
+    store._lean.call_many = counting_call_many  # type: ignore[method-assign]
     await store.settle([outcome("dep-b", f"r{i}", 10, total=1) for i in range(5)])
-    assert calls == [1]
-    assert (await store.states("g", (B,)))[0] .tpm_used == 5
+    assert calls == [5]  # one write, five EVALSHA
+    assert (await store.states("g", (B,)))[0].tpm_used == 5
+    await store.close()
+
+
+async def test_redis_settle_survives_a_flushed_script_cache(redis_url: str) -> None:
+    """Redis restarted (or SCRIPT FLUSH): the batch's NOSCRIPT replies load the script and are sent again,
+    once each; nothing is settled twice."""
+    store = RedisStore(redis_url, prefix="flush")
+    for i in range(3):
+        await store.reserve("g", (B,), (0,), f"r{i}", 10, 30)
+    redis.Redis.from_url(redis_url).script_flush()
+    await store.settle([outcome("dep-b", f"r{i}", 10, total=4) for i in range(3)])
+    state = (await store.states("g", (B,)))[0]
+    assert (state.tpm_used, state.in_flight) == (12, 0)
     await store.close()
 
 
