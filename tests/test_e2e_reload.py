@@ -73,3 +73,27 @@ def test_bad_config_is_rejected_and_the_old_one_keeps_serving(
     response = httpx.post(f"{stack.base_url}/v1/chat/completions",
                           json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200
+
+
+def test_reload_turns_client_auth_on_and_its_key_stays_out_of_envoys_log(
+    mock_factory: MockFactory, stack_factory: StackFactory
+) -> None:
+    """Envoy always sends the credential headers as request attributes, so a master_key added by a reload
+    applies at once without re-rendering Envoy; the launcher's redactor learns the new key first."""
+    a = mock_factory("ka", "a")
+    plain = config([("dep-a", a)], "simple-shuffle")
+    stack = stack_factory(plain, envoy_log_level="debug")
+    url = f"{stack.base_url}/v1/chat/completions"
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(url, json=chat).status_code == 200
+    master = "sk-added-by-reload-7777"
+    stack.config_path.write_text(plain + f"general_settings: {{master_key: {master}}}\n")
+    stack.reload()
+    assert httpx.post(url, json=chat).status_code == 401
+    assert httpx.post(url, json=chat, headers={"authorization": f"Bearer {master}"}).status_code == 200
+    assert httpx.post(url, json=chat, headers={"api-key": master}).status_code == 200
+    stack.stop()
+    assert stack.run_dir is not None
+    envoy_log = (stack.run_dir / "envoy.log").read_text(errors="replace")
+    assert "'authorization', '[redacted]'" in envoy_log  # debug level did print the header
+    assert master not in envoy_log
