@@ -30,10 +30,11 @@ RUN groupadd --system --gid 10001 extproc \
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /tmp
-# gRPC (ext_proc and access logs from Envoy). Metrics (--metrics-port) listen on the container's loopback only.
-EXPOSE 50051
+# gRPC from Envoy: 50051 cluster discovery and access logs (grpc.aio), 50052 ext_proc (the lean listener).
+# Metrics (--metrics-port) listen on the container's loopback only.
+EXPOSE 50051 50052
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 50051), timeout=2).close()"]
 ENTRYPOINT ["python", "-m", "extproc"]
 # Mount the LiteLLM config at /etc/llm/config.yaml (or pass --config); os.environ/NAME values come from the env.
-CMD ["serve", "--config", "/etc/llm/config.yaml", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]
+CMD ["serve", "--config", "/etc/llm/config.yaml", "--host", "0.0.0.0", "--port", "50051", "--ext-proc-port", "50052", "--metrics-port", "9100"]

@@ -94,18 +94,25 @@ async def drive(port: int, pid: int, streams: int, concurrency: int) -> tuple[fl
         return streams / elapsed, used / streams * 1e6
 
 
+GRPC_AIO = "extproc serve, grpc.aio"
+LEAN = "extproc serve, lean HTTP/2 listener"
+SERVERS = ("minimal grpc.aio server", GRPC_AIO, LEAN)
+
+
 def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     (workdir / "minimal.py").write_text(MINIMAL_SERVER)
     (workdir / "config.yaml").write_text(CONFIG)
     print("| server | streams/s | server CPU µs/stream |\n|---|---:|---:|")
-    for name in ("minimal grpc.aio server", "extproc serve", "minimal grpc.aio server", "extproc serve"):
-        port = free_port()
+    for name in SERVERS * 2:
+        port, front_port = free_port(), free_port()
         if name.startswith("minimal"):
             cmd = [sys.executable, str(workdir / "minimal.py"), str(port)]
         else:
             cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(workdir / "config.yaml"),
-                   "--port", str(port)]
+                   "--port", str(port), "--ext-proc-port", str(front_port)]
+            if name == LEAN:
+                port = front_port
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert proc.stdout is not None

@@ -63,6 +63,7 @@ class SystemSpec:
     redis: bool = False
     processes: int = 1  # processors for the product, uvicorn workers for LiteLLM
     all_loads: bool = True  # False: only the 16-connection point (a cheap side comparison)
+    lean_ext_proc: bool = True  # False: Envoy's ext_proc streams go to grpc.aio, not the lean listener
 
 
 SPECS = (
@@ -71,6 +72,9 @@ SPECS = (
     SystemSpec("usage-redis", "product: usage-based, Redis, 1 processor", "product", "usage-based-routing", True),
     SystemSpec("usage-redis-2p", "product: usage-based, Redis, 2 processors", "product", "usage-based-routing",
                True, 2),
+    # The lean ext_proc listener's baseline (h2front.py replaced grpc.aio on the hot path; this keeps it checkable).
+    SystemSpec("shuffle-grpc", "product: simple-shuffle, in memory, 1 processor, ext_proc over grpc.aio",
+               "product", all_loads=False, lean_ext_proc=False),
     SystemSpec("litellm", "LiteLLM Proxy: simple-shuffle, 2 workers", "litellm", processes=2),
     SystemSpec("litellm-1w", "LiteLLM Proxy: simple-shuffle, 1 worker", "litellm", processes=1, all_loads=False),
 )
@@ -165,7 +169,8 @@ def start_system(spec: SystemSpec, backends: Backends, configs: dict[str, Path],
     if spec.kind == "envoy":
         return start_plain_envoy(spec.name, backends)
     if spec.kind == "product":
-        return start_product(spec.name, configs[spec.name], spec.processes, spec.redis, backends)
+        config = configs["shuffle" if spec.name == "shuffle-grpc" else spec.name]
+        return start_product(spec.name, config, spec.processes, spec.redis, backends, spec.lean_ext_proc)
     assert litellm is not None
     # LiteLLM gets the very file the product's simple-shuffle set-up uses.
     return start_litellm(spec.name, configs["shuffle"], spec.processes, backends, litellm)
@@ -254,7 +259,7 @@ def visit(
         points.append(point)
         log(f"   [{rep + 1}/{settings.repetitions}] {spec.name:<15} {load.name:<8} {describe(point)}")
     settle(target.roles.get("processor", []) + target.roles.get("envoy", []))  # no backlog into the next visit
-    if spec.all_loads and settings.ttfb_requests:
+    if (spec.all_loads or spec.kind == "product") and settings.ttfb_requests:
         count = math.ceil(settings.ttfb_requests / settings.repetitions)
         samples = run_ttfb(system.stream.port, system.stream.path, system.stream.headers,
                            stream_body(STREAM_MODEL), count=count, warmup=10)

@@ -183,9 +183,12 @@ def start_plain_envoy(name: str, backends: Backends) -> RunningSystem:
     )
 
 
-def start_product(name: str, config: Path, processors: int, uses_redis: bool, backends: Backends) -> RunningSystem:
+def start_product(
+    name: str, config: Path, processors: int, uses_redis: bool, backends: Backends, lean_ext_proc: bool = True
+) -> RunningSystem:
     began = time.monotonic()
-    stack = Stack(config, processors=processors, run_dir=backends.run_dir / name, env={"PYTHONPATH": str(ROOT)})
+    stack = Stack(config, processors=processors, run_dir=backends.run_dir / name, env={"PYTHONPATH": str(ROOT)},
+                  lean_ext_proc=lean_ext_proc)
     stack.start(timeout=60)
 
     def roles() -> dict[str, list[int]]:

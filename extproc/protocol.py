@@ -73,6 +73,16 @@ def encode_reply(reply: Reply) -> bytes:
     return bytes(response.SerializeToString())
 
 
+class Exchange:
+    """One ext_proc stream's state: the router it started on, and the flow once headers were seen."""
+
+    __slots__ = ("flow", "router")
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.flow: Flow | None = None
+
+
 class ExternalProcessor:
     """One bidirectional stream per HTTP request: request headers, then (for inference calls) the body."""
 
@@ -91,40 +101,49 @@ class ExternalProcessor:
             encoded = self._forward_cache[id(forward)] = encode_forward(forward)
         return encoded
 
+    def open_exchange(self) -> Exchange:
+        # A reload mid-request keeps this request on the config it started with.
+        return Exchange(self.router)
+
+    async def respond(self, exchange: Exchange, request: pb.ProcessingRequest) -> tuple[bytes, bool]:
+        """One ext_proc message in, its serialized response out, and whether that ends the stream.
+        Shared by both fronts (``process`` for grpc.aio, h2front for the lean HTTP/2 listener)."""
+        router = exchange.router
+        phase = request.WhichOneof("request")
+        if phase == "request_body":
+            flow = exchange.flow
+            if flow is None:
+                # A POST: Envoy skipped its headers phase; what the routing needs came as attributes.
+                result = self._on_attributes(router, request)
+                if isinstance(result, Reply):
+                    return encode_reply(result), True
+                flow = result
+            return await self._decide(router, flow, request.request_body.body), True
+        if phase == "request_headers":  # other methods; every request if Envoy sends headers
+            result = self._on_headers(router, request.request_headers)
+            if isinstance(result, Reply):
+                return encode_reply(result), True
+            exchange.flow = result
+            return _CONTINUE_HEADERS, False
+        # Phases we did not ask for (trailers, response side): let them pass unchanged.
+        return _passthrough(phase), False
+
     async def process(
         self, requests: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, bytes],
     ) -> None:
         """Reads and writes through ``context`` rather than iterating ``requests`` and yielding: no async
         generators on either side, about 25 µs less CPU per stream (measured with a do-nothing server)."""
-        router = self.router  # a reload mid-request keeps this request on the config it started with
-        flow: Flow | None = None
+        exchange = self.open_exchange()
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
             assert isinstance(request, pb.ProcessingRequest)
-            phase = request.WhichOneof("request")
-            if phase == "request_body":
-                if flow is None:
-                    # A POST: Envoy skipped its headers phase; what the routing needs came as attributes.
-                    result = self._on_attributes(router, request)
-                    if isinstance(result, Reply):
-                        await context.write(encode_reply(result))
-                        return
-                    flow = result
-                await context.write(await self._decide(router, flow, request.request_body.body))
+            response, last = await self.respond(exchange, request)
+            await context.write(response)
+            if last:
                 return
-            if phase == "request_headers":  # other methods; every request if Envoy sends headers
-                result = self._on_headers(router, request.request_headers)
-                if isinstance(result, Reply):
-                    await context.write(encode_reply(result))
-                    return
-                flow = result
-                await context.write(_CONTINUE_HEADERS)
-            else:
-                # Phases we did not ask for (trailers, response side): let them pass unchanged.
-                await context.write(_passthrough(phase))
 
     async def _decide(self, router: Router, flow: Flow, body: bytes) -> bytes:
         started = time.perf_counter()

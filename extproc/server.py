@@ -11,6 +11,7 @@ import grpc
 
 from . import accounting, xds
 from .config import ConfigError, RouterConfig, load_config, redis_endpoint_for_display
+from .h2front import ExtProcFront
 from .metrics import Metrics, serve_metrics
 from .protocol import ExternalProcessor, add_to_server
 from .routing import Router, samples_of
@@ -38,6 +39,7 @@ class ProcessorServer:
     def __init__(
         self, config_path: str | Path, host: str = "127.0.0.1", port: int = 50051, metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1", socket_path: str | None = None,
+        ext_proc_port: int | None = None, ext_proc_socket: str | None = None,
     ) -> None:
         self.metrics_host = metrics_host
         self.socket_path = socket_path  # a Unix socket instead of host:port
@@ -53,6 +55,11 @@ class ProcessorServer:
         self.access_log = accounting.AccessLogReceiver(lambda: self.processor.router, self.metrics)
         self.discovery = xds.ClusterDiscovery(self.config)
         self._server: grpc.aio.Server | None = None
+        # The lean ext_proc listener (h2front.py) the rendered Envoy sends its ext_proc streams to; grpc.aio
+        # serves ext_proc as well, at the main address, for an Envoy configured that way.
+        self.ext_proc_port = ext_proc_port
+        self.ext_proc_socket = ext_proc_socket
+        self.front = ExtProcFront(self.processor, self.config.max_request_bytes + GRPC_HEADROOM_BYTES)
 
     async def start(self) -> int:
         server = grpc.aio.server(options=grpc_options(self.config))
@@ -68,6 +75,10 @@ class ProcessorServer:
         await server.start()
         self._server = server
         self.port = bound
+        if self.ext_proc_socket is not None:
+            await self.front.start_unix(self.ext_proc_socket)
+        elif self.ext_proc_port is not None:
+            self.ext_proc_port = await self.front.start_tcp(self.host, self.ext_proc_port)
         if self.metrics_port is not None:
             # Loopback by default: metrics name deployments and usage, not for the open network.
             self._metrics_server = await serve_metrics(
@@ -84,6 +95,12 @@ class ProcessorServer:
     @property
     def address(self) -> str:
         return f"unix:{self.socket_path}" if self.socket_path is not None else f"{self.host}:{self.port}"
+
+    @property
+    def ext_proc_address(self) -> str | None:
+        if self.ext_proc_socket is not None:
+            return f"unix:{self.ext_proc_socket}"
+        return f"{self.host}:{self.ext_proc_port}" if self.ext_proc_port is not None else None
 
     def reload(self) -> bool:
         """Apply an edited config without failing a request; a bad one is rejected and the old one serves on.
@@ -115,6 +132,7 @@ class ProcessorServer:
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
+        await self.front.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -144,10 +162,13 @@ def make_store(config: RouterConfig) -> CounterStore:
 
 async def serve(
     config_path: str | Path, host: str, port: int, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-    socket_path: str | None = None,
+    socket_path: str | None = None, ext_proc_port: int | None = None, ext_proc_socket: str | None = None,
 ) -> None:
-    server = ProcessorServer(config_path, host, port, metrics_port, metrics_host, socket_path)
+    server = ProcessorServer(
+        config_path, host, port, metrics_port, metrics_host, socket_path, ext_proc_port, ext_proc_socket
+    )
     await server.start()
     metrics = f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if metrics_port is not None else ""
-    print(f"processor ready on {server.address}{metrics}", flush=True)
+    front = f", ext_proc on {server.ext_proc_address}" if server.ext_proc_address is not None else ""
+    print(f"processor ready on {server.address}{front}{metrics}", flush=True)
     await server.run_until_signalled()

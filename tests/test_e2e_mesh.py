@@ -25,12 +25,12 @@ from extproc.envoy_render import (
     LLM_ROUTE_NAME,
     SNIPPET_KEYS,
     RenderOptions,
-    processor_cluster,
+    processor_clusters,
     render_bootstrap,
     render_snippet,
     upstream_clusters,
 )
-from extproc.launcher import envoy_binary, free_port, validate_envoy_config
+from extproc.launcher import envoy_binary, free_port, free_port_pair, validate_envoy_config
 from extproc.mock_azure import Fault
 
 from .conftest import Mock
@@ -219,10 +219,13 @@ def test_snippet_is_one_document_with_named_keys(tmp_path: Path) -> None:
     assert (inference["name"], control["name"]) == (LLM_ROUTE_NAME, CONTROL_ROUTE_NAME)
     assert set(inference["typed_per_filter_config"]) == {"llm.ext_proc", "llm.lua"}
     assert set(control["typed_per_filter_config"]) == {"llm.ext_proc"}  # headers only, no Lua
-    processor = snippet["clusters"][0]
-    assert processor["type"] == "STRICT_DNS"  # a hostname was given
-    address = processor["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    assert address["socket_address"] == {"address": "llm-processor.llm.svc.cluster.local", "port_value": 50051}
+    # The processor's grpc.aio address (discovery, access logs) and its lean ext_proc listener at the next port.
+    for cluster, port in zip(snippet["clusters"][:2], (50051, 50052), strict=True):
+        assert cluster["type"] == "STRICT_DNS"  # a hostname was given
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": "llm-processor.llm.svc.cluster.local", "port_value": port}
+    ext_proc = snippet["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    assert ext_proc == snippet["clusters"][1]["name"]
     assert snippet["runtime"] == {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
     assert snippet["listener_buffer_limit_bytes"] == 16 * 1024 * 1024
     for entry in [*snippet["access_log"], *snippet["router_upstream_log"]]:
@@ -248,8 +251,8 @@ def test_snippet_carries_the_same_settings_as_the_full_bootstrap() -> None:
         if full_per_filter:  # the control route's ext_proc override, wrapped to enable the disabled filter
             assert per_filter["llm.ext_proc"]["config"] == full_per_filter["envoy.filters.http.ext_proc"]
     # Static clusters (an existing Envoy usually has a CDS of its own), the same ones the local target renders.
-    assert snippet["clusters"] == [processor_cluster(options), *upstream_clusters(config, options)]
-    assert snippet["clusters"][0] == full["static_resources"]["clusters"][0]
+    assert snippet["clusters"] == [*processor_clusters(options), *upstream_clusters(config, options)]
+    assert snippet["clusters"][:2] == full["static_resources"]["clusters"][:2]
 
     def unfiltered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in entry.items() if k != "filter"} for entry in entries]
@@ -272,7 +275,8 @@ def test_existing_routes_and_the_llm_route_work_side_by_side(
     existing_service = mock_factory("unused", "existing")
     config = tmp_path / "config.yaml"
     config.write_text(config_text(a, b))
-    processor_port, metrics_port, listen_port, admin_port = (free_port() for _ in range(4))
+    processor_port = free_port_pair()  # the processor's lean ext_proc listener takes the next one
+    metrics_port, listen_port, admin_port = (free_port() for _ in range(3))
 
     snippet_path = tmp_path / "snippet.yaml"
     assert cli_main(["render-envoy", "--config", str(config), "--target", "snippet",
@@ -292,6 +296,7 @@ def test_existing_routes_and_the_llm_route_work_side_by_side(
                                   "--host", "127.0.0.1", "--port", str(processor_port),
                                   "--metrics-port", str(metrics_port)])
     processes.wait_port("processor", processor_port)
+    processes.wait_port("processor", processor_port + 1)
     processes.start("envoy", [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn"])
     processes.wait_port("envoy", listen_port)
     base = f"http://127.0.0.1:{listen_port}"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from extproc.config import RouterConfig, load_config, parse_config
-from extproc.envoy_render import PROCESSOR_CLUSTER, RenderOptions, render_bootstrap, render_yaml
+from extproc.envoy_render import EXT_PROC_CLUSTER, PROCESSOR_CLUSTER, RenderOptions, render_bootstrap, render_yaml
 from extproc.launcher import validate_envoy_config
 
 from .test_config import SEED_ENV
@@ -47,12 +47,50 @@ def test_every_example_renders_and_validates(path: Path, tmp_path: Path, dynamic
     assert "OK" in result.stdout + result.stderr
 
 
+def _ext_proc_target(doc: dict[str, Any]) -> tuple[str, list[Any]]:
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    name = hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    endpoints = clusters(doc)[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    return name, [endpoint["endpoint"]["address"] for endpoint in endpoints]
+
+
+@pytest.mark.parametrize(
+    ("options", "target"),
+    [
+        # `serve` puts its lean listener at --port + 1 by default
+        (RenderOptions(processors=(("10.0.0.1", 7000), ("10.0.0.2", 7000))),
+         (EXT_PROC_CLUSTER, [{"socket_address": {"address": a, "port_value": 7001}}
+                             for a in ("10.0.0.1", "10.0.0.2")])),
+        (RenderOptions(ext_proc_processors=(("127.0.0.1", 9),)),
+         (EXT_PROC_CLUSTER, [{"socket_address": {"address": "127.0.0.1", "port_value": 9}}])),
+        (RenderOptions(processor_sockets=("/run/p.sock",), ext_proc_sockets=("/run/p.ext_proc.sock",)),
+         (EXT_PROC_CLUSTER, [{"pipe": {"path": "/run/p.ext_proc.sock"}}])),
+        # no lean listener: ext_proc over grpc.aio at the processor's own address
+        (RenderOptions(ext_proc_processors=()),
+         (PROCESSOR_CLUSTER, [{"socket_address": {"address": "127.0.0.1", "port_value": 50051}}])),
+        (RenderOptions(processor_sockets=("/run/p.sock",)), (PROCESSOR_CLUSTER, [{"pipe": {"path": "/run/p.sock"}}])),
+    ],
+    ids=["port+1", "explicit", "sockets", "grpc-aio", "socket-grpc-aio"],
+)
+def test_ext_proc_goes_to_the_lean_listener_when_there_is_one(
+    options: RenderOptions, target: tuple[str, list[Any]]
+) -> None:
+    config = load(CONFIG_DIR / "seed-router-settings.yaml")
+    doc = render_bootstrap(config, options)
+    assert _ext_proc_target(doc) == target
+    # discovery and access logs stay on the grpc.aio address
+    assert doc["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"] == {
+        "cluster_name": PROCESSOR_CLUSTER
+    }
+    assert (EXT_PROC_CLUSTER in clusters(doc)) == (target[0] == EXT_PROC_CLUSTER)
+
+
 def test_deployment_clusters_come_from_the_processor_over_cds() -> None:
     from extproc.xds import ClusterDiscovery
 
     config = load(CONFIG_DIR / "seed-router-settings.yaml")
     doc = render_bootstrap(config, RenderOptions())
-    assert list(clusters(doc)) == [PROCESSOR_CLUSTER]
+    assert list(clusters(doc)) == [PROCESSOR_CLUSTER, EXT_PROC_CLUSTER]  # the processor's two listeners
     source = doc["dynamic_resources"]["cds_config"]["api_config_source"]
     assert source["grpc_services"] == [{"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}}]
     # what the processor serves is the same clusters a static render holds, as protobuf

@@ -27,7 +27,7 @@ import yaml
 from extproc.cli import build_parser, read_env_file
 from extproc.cli import main as cli_main
 from extproc.config import RouterConfig, load_config
-from extproc.envoy_render import PROCESSOR_CLUSTER
+from extproc.envoy_render import EXT_PROC_CLUSTER, PROCESSOR_CLUSTER
 from extproc.launcher import envoy_binary, validate_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +97,10 @@ def socket_address(endpoint: dict[str, Any]) -> tuple[str, int]:
     return address["address"], address["port_value"]
 
 
-def processor_endpoints(bootstrap: dict[str, Any]) -> tuple[str, list[tuple[str, int]]]:
-    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == PROCESSOR_CLUSTER)
+def processor_endpoints(
+    bootstrap: dict[str, Any], name: str = PROCESSOR_CLUSTER
+) -> tuple[str, list[tuple[str, int]]]:
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name)
     endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     return cluster["type"], [socket_address(e) for e in endpoints]
 
@@ -244,6 +246,7 @@ def test_compose_services_ports_and_commands() -> None:
     # Envoy finds the processors by service name, at the port `serve` listens on (STRICT_DNS: every replica
     # of `docker compose up --scale processor=N`).
     assert processor_endpoints(bootstrap) == ("STRICT_DNS", [("processor", args.port)])
+    assert processor_endpoints(bootstrap, EXT_PROC_CLUSTER) == ("STRICT_DNS", [("processor", args.ext_proc_port)])
     assert svc["envoy"]["depends_on"]["processor"]["condition"] == "service_healthy"
     assert svc["processor"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
@@ -355,7 +358,7 @@ def test_dockerfile_structure() -> None:
     assert image_args == k8s_args
     assert {**compose_args, "config": image_args["config"]} == image_args
     port = int(flag(command, "--port"))
-    assert [rest for word, rest in final if word == "EXPOSE"] == [str(port)]
+    assert [rest for word, rest in final if word == "EXPOSE"] == [f"{port} {flag(command, '--ext-proc-port')}"]
     healthchecks = [rest for word, rest in final if word == "HEALTHCHECK"]
     assert len(healthchecks) == 1
     probe = json.loads(healthchecks[0][healthchecks[0].index("CMD ") + 4:])
@@ -452,7 +455,7 @@ def test_kubernetes_processor_service_and_envoy_agree() -> None:
     args = build_parser().parse_args(spec["args"])
     assert (args.command, args.host) == ("serve", "0.0.0.0")
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
-    assert ports == {"grpc": args.port}
+    assert ports == {"grpc": args.port, "ext-proc": args.ext_proc_port}
     for probe in ("readinessProbe", "livenessProbe"):
         assert spec[probe]["tcpSocket"]["port"] == "grpc"
     assert spec["resources"]["requests"]["cpu"], "the HPA scales on CPU utilisation of the request"
@@ -460,13 +463,14 @@ def test_kubernetes_processor_service_and_envoy_agree() -> None:
 
     service = k8s("Service", "llm-processor")
     assert service["spec"]["clusterIP"] == "None", "headless: Envoy's STRICT_DNS sees every pod"
-    assert [p["port"] for p in service["spec"]["ports"]] == [args.port]
+    assert [p["port"] for p in service["spec"]["ports"]] == [args.port, args.ext_proc_port]
     assert service["spec"]["selector"].items() <= processor["spec"]["template"]["metadata"]["labels"].items()
     host, port = K8S_PROCESSOR_ADDRESS.split(":")
     assert (host, int(port)) == (service["metadata"]["name"], args.port)
 
     bootstrap = yaml.safe_load(k8s("ConfigMap", "llm-envoy")["data"]["envoy.yaml"])
     assert processor_endpoints(bootstrap) == ("STRICT_DNS", [(host, int(port))])
+    assert processor_endpoints(bootstrap, EXT_PROC_CLUSTER) == ("STRICT_DNS", [(host, args.ext_proc_port)])
 
     hpa = k8s("HorizontalPodAutoscaler", "llm-processor")
     assert hpa["apiVersion"] == "autoscaling/v2"

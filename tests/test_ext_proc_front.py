@@ -1,0 +1,324 @@
+"""The lean ext_proc listener (h2front.py) against real gRPC: grpcio's client, and raw HTTP/2 frames for the
+edges a client library never produces. Envoy's own ext_proc client drives it in every end-to-end test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+from extproc import h2front
+from extproc.h2front import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    OK_TRAILERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PROTOCOL_ERROR,
+    RESPONSE_HEADERS,
+    RST_STREAM,
+    SETTINGS,
+    frame,
+)
+from extproc.protocol import EXT_PROC_ATTRIBUTES
+from extproc.server import ProcessorServer
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+CONFIG = """
+model_list:
+  - model_name: gpt-4o
+    litellm_params: {model: azure/a, api_base: "https://a.openai.azure.com", api_key: key-a}
+  - model_name: gpt-4o
+    litellm_params: {model: azure/b, api_base: "https://b.openai.azure.com", api_key: key-b}
+general_settings:
+  max_request_size_mb: 1
+"""
+LIMIT = 1024 * 1024 + 1024 * 1024  # max_request_size_mb plus the gRPC headroom (server.GRPC_HEADROOM_BYTES)
+
+
+def chat_body(content: str = "hello") -> bytes:
+    return orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]})
+
+
+def body_message(body: bytes | None = None) -> pb.ProcessingRequest:
+    """What Envoy sends for a POST: the buffered body, the headers routing needs as attributes."""
+    return pb.ProcessingRequest(
+        request_body=pb.HttpBody(body=chat_body() if body is None else body, end_of_stream=True),
+        attributes={EXT_PROC_ATTRIBUTES: struct_pb2.Struct(fields={
+            "request.path": struct_pb2.Value(string_value="/v1/chat/completions"),
+            "request.id": struct_pb2.Value(string_value="req-1"),
+        })},
+    )
+
+
+def headers_message(method: str, path: str, end_of_stream: bool) -> pb.ProcessingRequest:
+    headers = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
+               ((":method", method), (":path", path), ("x-request-id", "req-2"))]
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=headers), end_of_stream=end_of_stream
+    ))
+
+
+def routed_cluster(response: pb.ProcessingResponse) -> str:
+    assert response.HasField("request_body"), response
+    return response.dynamic_metadata.fields["llm"].struct_value.fields["cluster"].string_value
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ProcessorServer]:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    server = ProcessorServer(config, port=0, ext_proc_port=0)
+    await server.start()
+    yield server
+    # Nothing is left behind: every stream ended, whichever way it ended.
+    assert all(not connection.streams for connection in server.front.connections)
+    await server.stop(grace=0.5)
+
+
+async def call(
+    port: int, *messages: pb.ProcessingRequest | bytes
+) -> tuple[list[pb.ProcessingResponse], grpc.StatusCode]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method = channel.stream_stream(
+            PROCESS,
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+            response_deserializer=pb.ProcessingResponse.FromString,
+        )
+        stream = method()
+        responses: list[pb.ProcessingResponse] = []
+        try:
+            for message in messages:
+                await stream.write(message)
+            await stream.done_writing()
+            responses = [response async for response in stream]
+        except grpc.aio.AioRpcError:
+            pass  # the status is the test's business
+        return responses, await stream.code()
+
+
+async def test_both_fronts_route_a_post_the_same_way(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None and server.ext_proc_port != server.port
+    for port in (server.ext_proc_port, server.port):
+        responses, code = await call(port, body_message())
+        assert code == grpc.StatusCode.OK
+        assert len(responses) == 1
+        assert routed_cluster(responses[0]) in {d.cluster for d in server.config.deployments}
+        keys = responses[0].dynamic_metadata.fields["llm_keys"].struct_value.fields
+        assert {value.string_value for value in keys.values()} <= {"key-a", "key-b"}
+
+
+async def test_headers_then_body_on_one_stream(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    responses, code = await call(
+        server.ext_proc_port, headers_message("POST", "/v1/chat/completions", False), body_message()
+    )
+    assert code == grpc.StatusCode.OK
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    assert routed_cluster(responses[1])
+
+
+async def test_the_processor_answers_other_methods_itself(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    responses, code = await call(server.ext_proc_port, headers_message("GET", "/v1/models", True))
+    assert code == grpc.StatusCode.OK
+    (reply,) = responses
+    assert reply.immediate_response.status.code == 200
+    assert [m["id"] for m in orjson.loads(reply.immediate_response.body)["data"]] == ["gpt-4o"]
+
+
+async def test_a_large_prompt_arrives_whole(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    body = chat_body("x" * 900_000)  # many HTTP/2 frames from grpcio; one gRPC message
+    responses, code = await call(server.ext_proc_port, body_message(body))
+    assert code == grpc.StatusCode.OK
+    assert routed_cluster(responses[0])
+
+
+async def test_many_streams_at_once_on_one_connection(server: ProcessorServer) -> None:
+    port = server.ext_proc_port
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method = channel.stream_stream(
+            PROCESS, request_serializer=pb.ProcessingRequest.SerializeToString,
+            response_deserializer=pb.ProcessingResponse.FromString,
+        )
+
+        async def one() -> str:
+            stream = method()
+            await stream.write(body_message())
+            response = await stream.read()
+            assert isinstance(response, pb.ProcessingResponse)
+            await stream.done_writing()
+            assert await stream.code() == grpc.StatusCode.OK
+            return routed_cluster(response)
+
+        clusters = await asyncio.gather(*(one() for _ in range(300)))
+    assert len(set(clusters)) == 2  # both deployments, from simple-shuffle over 300 draws
+
+
+async def test_bad_messages_end_the_call_with_a_grpc_status(server: ProcessorServer) -> None:
+    port = server.ext_proc_port
+    assert port is not None
+    _, code = await call(port, b"\xff\xff\xff")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    _, code = await call(port, body_message(chat_body("x" * (LIMIT + 1000))))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    responses, code = await call(port, body_message())  # the listener serves on
+    assert code == grpc.StatusCode.OK and routed_cluster(responses[0])
+
+
+# -- raw frames ------------------------------------------------------------------------------------------
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    async def frame(self) -> tuple[int, int, int, bytes]:
+        header = await asyncio.wait_for(self.reader.readexactly(9), 5)
+        size = int.from_bytes(header[:3], "big")
+        payload = await asyncio.wait_for(self.reader.readexactly(size), 5)
+        return header[3], header[4], int.from_bytes(header[5:], "big") & 0x7FFFFFFF, payload
+
+    async def until(self, kind: int, stream_id: int) -> list[tuple[int, int, int, bytes]]:
+        """Frames up to and including the first of ``kind`` on ``stream_id``."""
+        seen = []
+        while True:
+            seen.append(await self.frame())
+            if seen[-1][0] == kind and seen[-1][2] == stream_id:
+                return seen
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def grpc_message(message: pb.ProcessingRequest) -> bytes:
+    data = message.SerializeToString()
+    return b"\x00" + len(data).to_bytes(4, "big") + data
+
+
+async def test_raw_frames_continuation_padding_ping_and_reset(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    client = await RawClient.connect(server.ext_proc_port)
+    try:
+        ping = os.urandom(8)
+        # A header block split over CONTINUATION (its content is never decoded), then a padded DATA frame
+        # with the whole message and END_STREAM.
+        padding = 5
+        data = bytes((padding,)) + grpc_message(body_message()) + b"\x00" * padding
+        client.send(
+            PREFACE, frame(SETTINGS, 0, 0), frame(PING, 0, 0, ping),
+            frame(HEADERS, 0, 1, b"\x83\x86"), frame(CONTINUATION, END_HEADERS, 1, b"\x84"),
+            frame(DATA, PADDED | END_STREAM, 1, data),
+        )
+        frames = await client.until(DATA, 1)
+        kinds = [(kind, flags) for kind, flags, _, _ in frames]
+        assert (SETTINGS, 0) in kinds and (SETTINGS, ACK) in kinds  # the server's settings, and our ack
+        assert (PING, ACK, 0, ping) in frames
+        assert (HEADERS, END_HEADERS, 1, RESPONSE_HEADERS) in frames
+        message = frames[-1][3]
+        assert int.from_bytes(message[1:5], "big") == len(message) - 5
+        assert routed_cluster(pb.ProcessingResponse.FromString(message[5:]))
+        assert await client.frame() == (HEADERS, END_STREAM | END_HEADERS, 1, OK_TRAILERS)
+
+        # A stream reset by the client before its message is forgotten; the connection serves the next one.
+        client.send(frame(HEADERS, END_HEADERS, 3, b"\x83"), frame(RST_STREAM, 0, 3, (8).to_bytes(4, "big")))
+        client.send(frame(HEADERS, END_HEADERS, 5, b"\x83"), frame(DATA, END_STREAM, 5, grpc_message(body_message())))
+        frames = await client.until(HEADERS, 5)  # the response headers
+        assert all(stream_id != 3 for _, _, stream_id, _ in frames)
+        assert (await client.frame())[0] == DATA
+        assert await client.frame() == (HEADERS, END_STREAM | END_HEADERS, 5, OK_TRAILERS)
+
+        # Shutdown: GOAWAY naming the last stream seen.
+        await server.front.stop(grace=0.1)
+        kind, _, _, payload = await client.frame()
+        assert (kind, payload) == (GOAWAY, (5).to_bytes(4, "big") + (0).to_bytes(4, "big"))
+    finally:
+        client.close()
+
+
+async def test_a_response_waits_for_flow_control_window(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    client = await RawClient.connect(server.ext_proc_port)
+    try:
+        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
+            (h2front.SETTINGS_INITIAL_WINDOW_SIZE, 10), (h2front.SETTINGS_HEADER_TABLE_SIZE, 0)
+        ))
+        client.send(PREFACE, frame(SETTINGS, 0, 0, settings), frame(HEADERS, END_HEADERS, 1, b"\x83"),
+                    frame(DATA, END_STREAM, 1, grpc_message(body_message())))
+        *_, (_, _, _, block) = await client.until(HEADERS, 1)
+        assert block == b"\x20" + RESPONSE_HEADERS  # the table size update our shrunken decoder expects
+        kind, _, stream_id, first = await client.frame()
+        assert (kind, stream_id, len(first)) == (DATA, 1, 10)  # all the stream's window allows
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.reader.readexactly(1), 0.3)
+        client.send(frame(h2front.WINDOW_UPDATE, 0, 1, (100_000).to_bytes(4, "big")))
+        kind, _, _, rest = await client.frame()
+        assert kind == DATA
+        message = first + rest
+        assert int.from_bytes(message[1:5], "big") == len(message) - 5
+        assert routed_cluster(pb.ProcessingResponse.FromString(message[5:]))
+        assert await client.frame() == (HEADERS, END_STREAM | END_HEADERS, 1, OK_TRAILERS)
+    finally:
+        client.close()
+
+
+async def test_a_compressed_message_gets_unimplemented(server: ProcessorServer) -> None:
+    # grpcio's client leaves small messages uncompressed, so the flag is set by hand: we never advertise
+    # grpc-accept-encoding, and Envoy's ext_proc client does not compress.
+    assert server.ext_proc_port is not None
+    client = await RawClient.connect(server.ext_proc_port)
+    try:
+        message = b"\x01" + grpc_message(body_message())[1:]
+        client.send(PREFACE, frame(SETTINGS, 0, 0), frame(HEADERS, END_HEADERS, 1, b"\x83"), frame(DATA, 0, 1, message))
+        *_, (_, flags, _, block) = await client.until(HEADERS, 1)
+        assert flags == END_STREAM | END_HEADERS  # trailers only
+        assert block == RESPONSE_HEADERS + h2front.error_trailers(
+            h2front.GRPC_UNIMPLEMENTED, "compressed messages are not accepted"
+        )
+    finally:
+        client.close()
+
+
+async def test_a_client_that_is_not_http2_is_refused(server: ProcessorServer) -> None:
+    assert server.ext_proc_port is not None
+    client = await RawClient.connect(server.ext_proc_port)
+    try:
+        client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        *_, (_, _, _, goaway) = await client.until(GOAWAY, 0)  # after our SETTINGS and WINDOW_UPDATE
+        assert int.from_bytes(goaway[4:8], "big") == PROTOCOL_ERROR
+        assert await asyncio.wait_for(client.reader.read(), 5) == b""  # closed
+    finally:
+        client.close()
+    responses, code = await call(server.ext_proc_port, body_message())
+    assert code == grpc.StatusCode.OK and routed_cluster(responses[0])
+
+
+def test_hpack_integers() -> None:
+    assert h2front.hpack_integer(10, 5) == b"\x0a"  # RFC 7541 C.1.1
+    assert h2front.hpack_integer(1337, 5) == b"\x1f\x9a\x0a"  # C.1.2
+    assert h2front.hpack_integer(42, 8) == b"\x2a"  # C.1.3
+    assert h2front.hpack_integer(127, 7) == b"\x7f\x00"
+    assert h2front.hpack_integer(0, 5, 0x20) == b"\x20"  # a dynamic table size update to 0
