@@ -114,21 +114,32 @@ def test_alias_routes_to_target_group_and_headers_name_the_deployment(
     assert len(a.served()) + len(b.served()) == 1
 
 
-@pytest.mark.parametrize(("unix_sockets", "event_loop"), [(True, "uvloop"), (False, "asyncio")],
-                         ids=["unix-socket-uvloop", "tcp-asyncio"])
+@pytest.mark.parametrize(
+    ("unix_sockets", "event_loop", "lean_ext_proc"),
+    [(True, "uvloop", True), (False, "asyncio", True), (True, "uvloop", False), (False, "uvloop", False)],
+    ids=["unix-socket-uvloop", "tcp-asyncio", "grpc-aio-unix-socket", "grpc-aio-tcp"],
+)
 def test_processor_transports(
-    unix_sockets: bool, event_loop: str, mock_factory: MockFactory, stack_factory: StackFactory
+    unix_sockets: bool, event_loop: str, lean_ext_proc: bool, mock_factory: MockFactory, stack_factory: StackFactory
 ) -> None:
     """The local stack talks to its processors over Unix sockets; `serve --port` (other hosts, containers) over
-    TCP. Both carry decisions, replies, the access log and the clusters, on either event loop."""
+    TCP. Both carry decisions, replies, the access log and the clusters, on either event loop, with ext_proc on
+    the lean listener or (rendered with it left out) on grpc.aio."""
     a, b = mock_factory("ka", "a"), mock_factory("kb", "b")
-    stack = stack_factory(two_deployments(a, b), unix_sockets=unix_sockets, event_loop=event_loop)
+    stack = stack_factory(
+        two_deployments(a, b), unix_sockets=unix_sockets, event_loop=event_loop, lean_ext_proc=lean_ext_proc
+    )
     assert all(address.startswith("unix:") == unix_sockets for address in stack.processor_addresses)
-    assert ("pipe:" in stack.envoy_config_path.read_text()) == unix_sockets
+    assert len(stack.ext_proc_addresses) == (1 if lean_ext_proc else 0)
+    rendered = stack.envoy_config_path.read_text()
+    assert ("pipe:" in rendered) == unix_sockets
+    assert ("llm_extproc_lean" in rendered) == lean_ext_proc
     completion = client(stack).chat.completions.create(model="gpt-4", messages=MESSAGES)
     assert completion.choices[0].message.content
     assert [m.id for m in client(stack).models.list()] == ["gpt-3.5-turbo", "gpt-4"]
     assert wait_for(lambda: stack.metric("litellm_deployment_success_responses") == 1)  # the access log came back
+    chunks = list(client(stack).chat.completions.create(model="gpt-4", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 def test_azure_client_embeddings_completions_and_models(mock_factory: MockFactory, stack_factory: StackFactory) -> None:
