@@ -131,7 +131,9 @@ def _env_with_project_path() -> dict[str, str]:
 # --- configs (LiteLLM Proxy files, read unchanged by the product and by LiteLLM) ------------------------------
 
 
-def write_config(path: Path, backends: Backends, strategy: str, redis_prefix: str | None = None) -> Path:
+def write_config(
+    path: Path, backends: Backends, strategy: str, redis_prefix: str | None = None, stream_limits: bool = False
+) -> Path:
     def deployment(model_name: str, azure_name: str, port: int, limits: bool) -> dict[str, object]:
         params: dict[str, object] = {
             "model": f"azure/{azure_name}",
@@ -152,7 +154,8 @@ def write_config(path: Path, backends: Backends, strategy: str, redis_prefix: st
         "model_list": [
             deployment(MODEL, "gpt-4o-a", backends.upstream_port, limits=True),
             deployment(MODEL, "gpt-4o-b", backends.upstream_port, limits=True),
-            deployment(STREAM_MODEL, STREAM_DEPLOYMENT, backends.stream_mock_port, limits=False),
+            # No rpm/tpm by default: on Redis its decisions do not wait for Redis (bench.ttfb measures both).
+            deployment(STREAM_MODEL, STREAM_DEPLOYMENT, backends.stream_mock_port, limits=stream_limits),
         ],
         "router_settings": router_settings,
     }

@@ -10,8 +10,10 @@ All keys of a model group share one hash tag, so the scripts also work on Redis 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
@@ -168,6 +170,8 @@ class RedisStore(CounterStore):
         # This processor's latest view of each deployment: from every reserve reply, with in-flight counts
         # lowered as this processor settles requests. Other processors' activity shows at the next reply.
         self._view: dict[str, DeploymentState] = {}
+        self._view_at: dict[str, float] = {}  # when each view entry came from Redis (monotonic)
+        self._resending: set[asyncio.Task[None]] = set()
 
     def keys(self, group: str, key: str) -> list[str]:
         cached = self._key_cache.get((group, key))
@@ -191,12 +195,76 @@ class RedisStore(CounterStore):
         for candidate in candidates:
             keys += self.keys(group, candidate.key)
             args += [candidate.rpm or 0, candidate.tpm or 0]
+        unlimited = self._first_without_limits(candidates, order)
+        if unlimited is not None and self._lean is not None:
+            # No limit to check, so nothing to wait for: the reservation (usage, lease, sample window) goes
+            # to Redis now and is not awaited; its reply refreshes this processor's view when it lands.
+            command = [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args, unlimited + 1]
+            future = self._lean.send_nowait(*command)
+            if future is not None:
+                future.add_done_callback(lambda done: self._on_unawaited_reserve(done, candidates, command))
+                return self._admit_in_view(candidates, unlimited, tokens)
         args += [i + 1 for i in order]
         reply = await self._run_reserve(keys, args)
+        return self._update_view(candidates, reply)
+
+    def _first_without_limits(self, candidates: Sequence[Candidate], order: Sequence[int]) -> int | None:
+        """The candidate RESERVE would admit when that needs no shared check: the first in ``order`` not
+        cooling down (as last seen), if it has neither rpm nor tpm. None when a limited one comes first."""
+        now = time.monotonic()
+        for index in order:
+            candidate = candidates[index]
+            state = self._view.get(candidate.key)
+            if state is not None and state.cooldown_s > now - self._view_at[candidate.key]:
+                continue
+            return None if candidate.rpm or candidate.tpm else index
+        return None
+
+    def _admit_in_view(self, candidates: Sequence[Candidate], chosen: int, tokens: int) -> Reservation:
+        key = candidates[chosen].key
+        state = self._view.get(key) or DeploymentState()
+        self._view[key] = dataclasses.replace(
+            state, rpm_used=state.rpm_used + 1, tpm_used=state.tpm_used + tokens, in_flight=state.in_flight + 1
+        )
+        self._view_at.setdefault(key, time.monotonic())
+        return Reservation(chosen, self.snapshot("", candidates), time.time())
+
+    def _update_view(self, candidates: Sequence[Candidate], reply: list[object]) -> Reservation:
         reservation = _parse_reservation(reply, len(candidates))
+        now = time.monotonic()
         for candidate, state in zip(candidates, reservation.states, strict=True):
             self._view[candidate.key] = state
+            self._view_at[candidate.key] = now
         return reservation
+
+    def _on_unawaited_reserve(
+        self, done: asyncio.Future[object], candidates: Sequence[Candidate], command: list[bytes | str | int]
+    ) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None:
+            reply = done.result()
+            if isinstance(reply, list):
+                self._update_view(candidates, reply)
+        elif isinstance(error, RespError) and "NOSCRIPT" in str(error):
+            task = asyncio.get_running_loop().create_task(self._resend(candidates, command))
+            self._resending.add(task)
+            task.add_done_callback(self._resending.discard)
+        else:
+            # The request went to a deployment without limits; only its usage figures miss it.
+            log.warning("an unawaited reservation failed: %s", error)
+
+    async def _resend(self, candidates: Sequence[Candidate], command: list[bytes | str | int]) -> None:
+        assert self._lean is not None
+        try:
+            await self._lean.call(b"SCRIPT", b"LOAD", RESERVE)  # Redis restarted and forgot it
+            reply = await self._lean.call(*command)
+        except (RespError, OSError, TimeoutError) as exc:
+            log.warning("an unawaited reservation failed: %s", exc)
+            return
+        if isinstance(reply, list):
+            self._update_view(candidates, reply)
 
     async def _run_reserve(self, keys: list[str], args: list[str | int]) -> list[object]:
         if self._lean is None:

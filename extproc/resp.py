@@ -116,6 +116,22 @@ class RespConnection:
             protocol = await self._connect()
         return await self._send(protocol, [a if isinstance(a, bytes) else str(a).encode() for a in args])
 
+    def send_nowait(self, *args: bytes | str | int) -> asyncio.Future[object] | None:
+        """Write one command now and return its reply's future (with the same timeout as ``call``), or None
+        when the connection is not up: for callers that must not wait for the reply, only have it sent
+        before anything they send later."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        protocol.pending.append(future)
+        assert protocol.transport is not None
+        protocol.transport.write(_pack([a if isinstance(a, bytes) else str(a).encode() for a in args]))
+        timer = loop.call_later(self._timeout, _expire, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        return future
+
     async def call_many(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[object]:
         """Several commands in one write (a pipeline): their replies in order, an error reply as a RespError
         in its place rather than raised."""

@@ -218,6 +218,58 @@ async def test_redis_settle_survives_a_flushed_script_cache(redis_url: str) -> N
     await store.close()
 
 
+U1 = Candidate("dep-u1", rpm=None, tpm=None)
+U2 = Candidate("dep-u2", rpm=None, tpm=None)
+
+
+def finished_at_once(coro: Any) -> Any:
+    """The coroutine's result if it completes without suspending (no I/O awaited); fails otherwise."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError("the coroutine waited for I/O")
+
+
+async def test_redis_admits_a_deployment_without_limits_without_waiting(redis_url: str) -> None:
+    """No limit to check, so the decision does not wait for Redis; the reservation still lands there (usage,
+    lease) on the same connection, ahead of the settle."""
+    store = RedisStore(redis_url, prefix="unlimited")
+    await store.reserve("g", (A, U1), (0,), "warm", 1, 30)  # opens the connection and loads the script
+    reservation = finished_at_once(store.reserve("g", (U1, U2), (1, 0), "r1", 7, 30))
+    assert reservation.chosen == 1
+    assert (reservation.states[1].rpm_used, reservation.states[1].in_flight) == (1, 1)  # counted in the view
+    await store.settle([outcome("dep-u2", "r1", 7, total=3)])
+    state = (await store.states("g", (U1, U2)))[1]
+    assert (state.rpm_used, state.tpm_used, state.in_flight) == (1, 3, 0)
+    # A limited first choice is checked in Redis, as before.
+    with pytest.raises(AssertionError, match="waited"):
+        finished_at_once(store.reserve("g", (A, U1), (0, 1), "r2", 1, 30))
+    await store.close()
+
+
+async def test_unawaited_reservations_learn_cooldowns_and_survive_a_flushed_script_cache(redis_url: str) -> None:
+    from extproc.cooldown import Failure
+
+    store = RedisStore(redis_url, prefix="unlimited-cool")
+    await store.reserve("g", (A, U1), (0,), "warm", 1, 30)
+    redis.Redis.from_url(redis_url).script_flush()  # the next unawaited reservation gets NOSCRIPT
+    await store.record_failures([("g", "dep-u1", Failure(cooldown_s=5.0, immediate=True, allowed_fails=1))])
+    # This processor has not seen the cooldown yet (another processor may have set it): the first decision
+    # still picks U1, and its reply (once the script is reloaded) teaches the view.
+    assert finished_at_once(store.reserve("g", (U1, U2), (0, 1), "r1", 1, 30)).chosen == 0
+    for _ in range(100):
+        if store.snapshot("g", (U1,))[0].cooldown_s > 0:
+            break
+        await asyncio.sleep(0.01)
+    assert finished_at_once(store.reserve("g", (U1, U2), (0, 1), "r2", 1, 30)).chosen == 1
+    await asyncio.sleep(0.05)
+    states = await store.states("g", (U1, U2))
+    assert [s.rpm_used for s in states] == [0, 1]  # Redis refused U1 while cooling; U2 counted r2
+    await store.close()
+
+
 async def test_cooldown_skips_a_deployment_then_lets_it_back(store: CounterStore) -> None:
     from extproc.cooldown import Failure
 
@@ -254,7 +306,7 @@ async def test_a_decision_cancelled_mid_reservation_gives_its_lease_back(
     monkeypatch.setattr(routing, "ORPHAN_RELEASE_DELAY_S", 0.2)
     config = parse_config(
         'model_list: [{model_name: m, litellm_params: {model: azure/d, api_base: "https://r.openai.azure.com", '
-        f"api_key: k}}}}]\nrouter_settings: {{routing_strategy: least-busy, redis_url: '{redis_url}'}}",
+        f"api_key: k, rpm: 1000}}}}]\nrouter_settings: {{routing_strategy: least-busy, redis_url: '{redis_url}'}}",
         environ={},
     )
     store = RedisStore(redis_url, prefix="cancel")
