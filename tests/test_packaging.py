@@ -455,7 +455,7 @@ def test_kubernetes_processor_service_and_envoy_agree() -> None:
     args = build_parser().parse_args(spec["args"])
     assert (args.command, args.host) == ("serve", "0.0.0.0")
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
-    assert ports == {"grpc": args.port, "ext-proc": args.ext_proc_port}
+    assert ports == {"grpc": args.port, "grpc-ext-proc": args.ext_proc_port}
     for probe in ("readinessProbe", "livenessProbe"):
         assert spec[probe]["tcpSocket"]["port"] == "grpc"
     assert spec["resources"]["requests"]["cpu"], "the HPA scales on CPU utilisation of the request"
