@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -172,6 +173,8 @@ class RedisStore(CounterStore):
         self._view: dict[str, DeploymentState] = {}
         self._view_at: dict[str, float] = {}  # when each view entry came from Redis (monotonic)
         self._resending: set[asyncio.Task[None]] = set()
+        # Reservations decided without waiting, to be written after this loop turn (_send_unawaited).
+        self._unsent: list[tuple[Sequence[Candidate], list[bytes | str | int]]] = []
 
     def keys(self, group: str, key: str) -> list[str]:
         cached = self._key_cache.get((group, key))
@@ -196,14 +199,15 @@ class RedisStore(CounterStore):
             keys += self.keys(group, candidate.key)
             args += [candidate.rpm or 0, candidate.tpm or 0]
         unlimited = self._first_without_limits(candidates, order)
-        if unlimited is not None and self._lean is not None:
+        if unlimited is not None and self._lean is not None and self._lean.connected:
             # No limit to check, so nothing to wait for: the reservation (usage, lease, sample window) goes
-            # to Redis now and is not awaited; its reply refreshes this processor's view when it lands.
-            command = [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args, unlimited + 1]
-            future = self._lean.send_nowait(*command)
-            if future is not None:
-                future.add_done_callback(lambda done: self._on_unawaited_reserve(done, candidates, command))
-                return self._admit_in_view(candidates, unlimited, tokens)
+            # to Redis right after this decision's reply (writing first would let Redis take the CPU before
+            # Envoy has the reply), in one write with any others of this loop turn, and is not awaited; its
+            # reply refreshes this processor's view when it lands.
+            if not self._unsent:
+                asyncio.get_running_loop().call_soon(self._send_unawaited)
+            self._unsent.append((candidates, [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args, unlimited + 1]))
+            return self._admit_in_view(candidates, unlimited, tokens)
         args += [i + 1 for i in order]
         reply = await self._run_reserve(keys, args)
         return self._update_view(candidates, reply)
@@ -236,6 +240,21 @@ class RedisStore(CounterStore):
             self._view[candidate.key] = state
             self._view_at[candidate.key] = now
         return reservation
+
+    def _send_unawaited(self) -> None:
+        """Write the reservations not awaited so far; called soon after each decision, and before any settle
+        so that a request's reservation always reaches Redis ahead of its settle."""
+        unsent, self._unsent = self._unsent, []
+        if not unsent:
+            return
+        assert self._lean is not None
+        futures = self._lean.send_nowait([command for _, command in unsent])
+        if futures is None:
+            log.warning("%d unawaited reservations lost: the Redis connection closed", len(unsent))
+            return
+        for future, (candidates, command) in zip(futures, unsent, strict=True):
+            future.add_done_callback(functools.partial(self._on_unawaited_reserve, candidates=candidates,
+                                                       command=command))
 
     def _on_unawaited_reserve(
         self, done: asyncio.Future[object], candidates: Sequence[Candidate], command: list[bytes | str | int]
@@ -286,6 +305,7 @@ class RedisStore(CounterStore):
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
+        self._send_unawaited()  # a request's reservation goes before its settle
         for outcome in outcomes:
             state = self._view.get(outcome.key)
             if state is not None and state.in_flight > 0:

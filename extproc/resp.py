@@ -116,21 +116,27 @@ class RespConnection:
             protocol = await self._connect()
         return await self._send(protocol, [a if isinstance(a, bytes) else str(a).encode() for a in args])
 
-    def send_nowait(self, *args: bytes | str | int) -> asyncio.Future[object] | None:
-        """Write one command now and return its reply's future (with the same timeout as ``call``), or None
-        when the connection is not up: for callers that must not wait for the reply, only have it sent
-        before anything they send later."""
+    def send_nowait(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[asyncio.Future[object]] | None:
+        """Write these commands now, in one write, and return their replies' futures (with the same timeout
+        as ``call``), or None when the connection is not up: for callers that must not wait for the replies,
+        only have the commands sent before anything they send later."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
             return None
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[object] = loop.create_future()
-        protocol.pending.append(future)
+        futures: list[asyncio.Future[object]] = [loop.create_future() for _ in commands]
+        protocol.pending.extend(futures)
         assert protocol.transport is not None
-        protocol.transport.write(_pack([a if isinstance(a, bytes) else str(a).encode() for a in args]))
-        timer = loop.call_later(self._timeout, _expire, future)
-        future.add_done_callback(lambda _: timer.cancel())
-        return future
+        protocol.transport.write(b"".join(
+            _pack([a if isinstance(a, bytes) else str(a).encode() for a in args]) for args in commands
+        ))
+        timer = loop.call_later(self._timeout, _expire_all, futures)
+        futures[-1].add_done_callback(lambda _: timer.cancel())  # replies arrive in order: the last is last
+        return futures
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None and not self._protocol.closed
 
     async def call_many(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[object]:
         """Several commands in one write (a pipeline): their replies in order, an error reply as a RespError
