@@ -5,13 +5,16 @@ The streaming point of ``bench.run`` in more detail and with more samples: each 
 machine. Besides the memory store, it runs usage-based routing on Redis twice: with the streaming deployment
 unlimited (its decision does not wait for Redis) and with rpm/tpm set (one Redis round trip before the
 request may leave), and the in-memory set-up with ext_proc on grpc.aio instead of the lean listener. It
-reports p50/p99 time to first event, their difference to plain Envoy, and the processor's mean decision time
-(from its /metrics).
+reports p50/p99 time to first event, their difference to plain Envoy, the processor's mean decision time
+(from its /metrics), and Envoy's own account of each product request (a file access log added to the
+rendered bootstrap, medians in µs from the start of the request): when the request was read, how long the
+ext_proc call took, when the upstream request began, and when the first byte went back to the client.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +23,46 @@ from pathlib import Path
 
 from bench.load import run_ttfb, stream_body
 from bench.systems import ROOT, STREAM_MODEL, start_backends, start_plain_envoy, write_config
+from extproc import envoy_render
 from extproc.launcher import Stack
+
+# Envoy's per-request timings (µs), written by a file access log this benchmark adds to the product's bootstrap.
+TIMINGS = {
+    "read": "%COMMON_DURATION(DS_RX_BEG:DS_RX_END:us)%",
+    "ext_proc": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_body_total_latency_us)%",
+    "upstream_begins": "%COMMON_DURATION(DS_RX_BEG:US_TX_BEG:us)%",
+    "upstream_first_byte": "%COMMON_DURATION(US_TX_BEG:US_RX_BEG:us)%",
+    "client_first_byte": "%COMMON_DURATION(DS_RX_BEG:DS_TX_BEG:us)%",
+}
+
+
+_RENDER = envoy_render.http_connection_manager
+
+
+def with_timing_log(path: Path) -> None:
+    """Render the following bootstraps with a JSON file access log of TIMINGS at ``path``."""
+
+    def patched(config: envoy_render.RouterConfig, options: envoy_render.RenderOptions) -> dict[str, object]:
+        manager = _RENDER(config, options)
+        manager["typed_config"]["access_log"].append({
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path), "log_format": {"json_format": TIMINGS},
+            },
+        })
+        return manager
+
+    envoy_render.http_connection_manager = patched  # type: ignore[assignment]
+
+
+def timing_medians(path: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    medians = {}
+    for field in TIMINGS:
+        values = [float(row[field]) for row in rows if row.get(field) not in (None, "", "-")]
+        medians[field] = statistics.median(values) if values else float("nan")
+    return medians
 
 
 @dataclass(frozen=True)
@@ -55,10 +97,13 @@ def main() -> None:
     backends = start_backends(run_dir, with_redis=True)
     plain = start_plain_envoy("envoy", backends)
     stacks: dict[str, Stack] = {}
+    logs: dict[str, Path] = {}
     try:
         for index, setup in enumerate(SETUPS):
             config = write_config(run_dir / f"setup-{index}.yaml", backends, setup.strategy,
                                   f"ttfb-{index}" if setup.redis else None, stream_limits=setup.stream_limits)
+            logs[setup.name] = run_dir / f"setup-{index}-timings.log"
+            with_timing_log(logs[setup.name])
             stacks[setup.name] = Stack(config, run_dir=run_dir / f"setup-{index}", env={"PYTHONPATH": str(ROOT)},
                                        lean_ext_proc=setup.lean_ext_proc).start(60)
         body = stream_body(STREAM_MODEL)
@@ -89,6 +134,13 @@ def main() -> None:
         spent, count = decisions.get(name, (0.0, 0.0))
         decision = f"{spent / count * 1e6:.0f}" if count else "—"
         print(f"| {name} | {p50:.2f} | {p50 - floor:+.2f} | {percentile(samples, 0.99) * 1000:.2f} | {decision} |")
+    print("\nEnvoy's account of the product's requests (medians, µs from the start of the request; the ext_proc "
+          "call's own duration):\n")
+    print("| system | request read | ext_proc call | upstream request begins | upstream's first byte after | "
+          "first byte to the client |\n|---|---:|---:|---:|---:|---:|")
+    for name, path in logs.items():
+        medians = timing_medians(path)
+        print(f"| {name} | " + " | ".join(f"{medians[field]:.0f}" for field in TIMINGS) + " |")
 
 
 if __name__ == "__main__":
