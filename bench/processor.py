@@ -1,11 +1,13 @@
 """The processor alone against a do-nothing ext_proc server: how much of the per-request CPU is ours.
 
 ``python -m bench.processor`` starts, in turn, a minimal grpc.aio ExternalProcessor (answers with a constant
-response, no parsing, no routing) and the real processor (``python -m extproc serve``), and drives each with
-a grpc.aio client in this process: one stream per request carrying one message (a ~1 KB chat body with the
-request attributes Envoy adds), 16 streams at a time, as Envoy does for a POST. It reports streams per second
-and the server process's CPU per stream (utime + stime from /proc). The difference is what routing,
-accounting hooks and encoding cost; the minimal server's figure is the floor that grpc.aio itself sets.
+response, no parsing, no routing) and the real processor (``python -m extproc serve``), driven once through
+its grpc.aio port and once through its lean ext_proc listener (h2front.py), and drives each with a grpc.aio
+client in this process: one stream per request carrying one message (a ~1 KB chat body with the request
+attributes Envoy adds), 16 streams at a time, as Envoy does for a POST. It reports streams per second and
+the server process's CPU per stream (utime + stime from /proc). The minimal server's figure is the floor
+grpc.aio itself sets; the lean listener's shows what routing, accounting hooks and encoding cost without it
+(its streams per second are bounded by the grpcio client driving it).
 """
 
 from __future__ import annotations
