@@ -4,9 +4,12 @@ edges a client library never produces. Envoy's own ext_proc client drives it in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -322,3 +325,45 @@ def test_hpack_integers() -> None:
     assert h2front.hpack_integer(42, 8) == b"\x2a"  # C.1.3
     assert h2front.hpack_integer(127, 7) == b"\x7f\x00"
     assert h2front.hpack_integer(0, 5, 0x20) == b"\x20"  # a dynamic table size update to 0
+
+
+async def test_random_frames_never_break_the_listener(
+    server: ProcessorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seeded fuzzing over real connections: any sequence of frames (wrong types, flags, stream ids, lengths,
+    padding, garbage or half-valid messages) ends in a reply, an error status or a closed connection, never in
+    an exception, and the listener serves a proper call afterwards."""
+    import random
+
+    assert server.ext_proc_port is not None
+    rng = random.Random(20261125)
+    valid = grpc_message(body_message())
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    for _ in range(150):
+        frames = []
+        for _ in range(rng.randint(1, 8)):
+            kind = rng.randint(0, 12)
+            flags = rng.choice((0, END_STREAM, END_HEADERS, PADDED, END_STREAM | END_HEADERS, rng.randint(0, 255)))
+            stream_id = rng.choice((0, 1, 1, 3, 5, 2))
+            payload = rng.choice((
+                b"", os.urandom(rng.randint(1, 48)), valid, valid[: rng.randint(1, len(valid))],
+                b"\x00" + (5_000_000).to_bytes(4, "big"), bytes((rng.randint(0, 255),)) + valid,
+            ))
+            frames.append(frame(kind, flags, stream_id, payload))
+        if rng.random() < 0.1:  # a frame header announcing more than the largest frame
+            frames.append(b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
+        client = await RawClient.connect(server.ext_proc_port)
+        try:
+            client.send(PREFACE, *frames)
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                while await asyncio.wait_for(client.reader.read(65536), 0.05):
+                    pass
+        finally:
+            client.close()
+    await asyncio.sleep(0.1)  # answers still running finish
+    assert not unhandled
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    responses, code = await call(server.ext_proc_port, body_message())
+    assert code == grpc.StatusCode.OK and routed_cluster(responses[0])
