@@ -11,11 +11,14 @@ All keys of a model group share one hash tag, so the scripts also work on Redis 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -29,22 +32,26 @@ log = logging.getLogger("extproc.redis")
 
 _KINDS = ("w", "t", "b", "l", "f", "c", "x")  # window, tokens, leases, latency, ttft, cooldown, failures
 
+# Allotments (ALLOT below): slots asked for at a time, the count left that triggers the next request, how
+# long unused slots are kept before they go back, the room (in slots) a deployment must have left before any
+# are allotted (below it every decision is checked in Redis, so allotments never cost a small deployment its
+# last requests), and the least tokens a slot carries.
+ALLOT_SLOTS = 8
+ALLOT_REFILL_BELOW = 4
+ALLOT_S = 1.0
+ALLOT_LEAST_ROOM = 64
+ALLOT_LEAST_TOKENS = 256
+
 # KEYS: per candidate (in candidate order) window zset, token sum, lease zset, latency list, ttft list,
 #       cooldown marker, failure counter (7 each).
 # ARGV: request id, tokens, lease ms, window ms, sample ttl ms (0: leave the latency means out), then per
 #       candidate rpm and tpm (0 = none), then the preference order (1-based candidate indexes).
 # Returns: chosen index (0 = none), now (ms), then per candidate rpm_used, tpm_used, in_flight, frees_in_ms,
 #          latency mean, ttft mean (as strings; "" when no sample), cooldown ms left.
-RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local request_id, tokens = ARGV[1], tonumber(ARGV[2])
-local lease, window, sample_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local n = #KEYS / 7
-local rpm_used, tpm_used, cooling = {}, {}, {}
-for i = 1, n do
-  local w, tk = KEYS[i*7-6], KEYS[i*7-5]
-  cooling[i] = math.max(0, redis.call('PTTL', KEYS[i*7-1]))
+# Drops a window's entries older than the window and takes their tokens (the member's "|tokens" suffix) off
+# the token sum.
+_TRIM = """
+local function trim(w, tk, now, window)
   local expired = redis.call('ZRANGEBYSCORE', w, '-inf', now - window)
   if #expired > 0 then
     local freed = 0
@@ -54,6 +61,20 @@ for i = 1, n do
     redis.call('ZREMRANGEBYSCORE', w, '-inf', now - window)
     if freed ~= 0 then redis.call('DECRBY', tk, freed) end
   end
+end
+"""
+
+RESERVE = _TRIM + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local request_id, tokens = ARGV[1], tonumber(ARGV[2])
+local lease, window, sample_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = #KEYS / 7
+local rpm_used, tpm_used, cooling = {}, {}, {}
+for i = 1, n do
+  local w, tk = KEYS[i*7-6], KEYS[i*7-5]
+  cooling[i] = math.max(0, redis.call('PTTL', KEYS[i*7-1]))
+  trim(w, tk, now, window)
   rpm_used[i] = redis.call('ZCARD', w)
   tpm_used[i] = tonumber(redis.call('GET', tk) or '0')
 end
@@ -138,17 +159,99 @@ return 1
 """
 
 # KEYS: cooldown marker, failure counter of one deployment.
-# ARGV: cooldown ms, immediate (1/0), allowed fails.
+# ARGV: cooldown ms, immediate (1/0), allowed fails, the cooldown channel, the deployment key.
 FAIL = """
 local cooldown, immediate, allowed = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
 local fails = redis.call('INCR', KEYS[2])
 if fails == 1 then redis.call('PEXPIRE', KEYS[2], cooldown) end
 if immediate or fails > allowed then
   -- extend, never shorten (LiteLLM #40130 keeps the first, shorter deadline)
-  if redis.call('PTTL', KEYS[1]) < cooldown then redis.call('SET', KEYS[1], '1', 'PX', cooldown) end
+  if redis.call('PTTL', KEYS[1]) < cooldown then
+    redis.call('SET', KEYS[1], '1', 'PX', cooldown)
+    -- every processor hears of it at once (decisions taken without a round trip must skip it too)
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. cooldown)
+  end
 end
 return fails
 """
+
+# Allotments: window slots a processor reserves ahead for one deployment, so that its decisions there need
+# no round trip while the deployment has ample room (see RedisStore). A slot is a window entry like any
+# admitted request ("<prefix><n>|<tokens>"), so rpm and tpm count it from the moment it is allotted.
+# KEYS: window zset, token sum, cooldown marker. ARGV: window ms, rpm, tpm (0 = none), slots wanted, tokens per
+#       slot, member prefix, least room (in slots) left for the per-request check before any slot is allotted.
+# Returns: slots allotted, rpm used, tpm used (after the allotment), cooldown ms left (nothing is allotted then).
+ALLOT = _TRIM + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local w, tk = KEYS[1], KEYS[2]
+local window, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local want, each, prefix, least = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+trim(w, tk, now, window)
+local used, tokens_used = redis.call('ZCARD', w), tonumber(redis.call('GET', tk) or '0')
+local granted = 0
+local cooling = math.max(0, redis.call('PTTL', KEYS[3]))
+if cooling == 0 then
+  local room = math.huge
+  if rpm > 0 then room = rpm - used end
+  if tpm > 0 then room = math.min(room, math.floor((tpm - tokens_used) / each)) end
+  if room >= least then granted = math.min(want, math.floor(room / 8)) end
+end
+for i = 1, granted do
+  redis.call('ZADD', w, now, prefix .. i .. '|' .. each)
+end
+if granted > 0 then
+  redis.call('INCRBY', tk, granted * each)
+  redis.call('PEXPIRE', w, window * 2)
+  redis.call('PEXPIRE', tk, window * 2)
+end
+return {granted, used + granted, tokens_used + granted * each, cooling}
+"""
+
+# A request admitted on an allotted slot: its own entry replaces the slot's, stamped now, with its tokens;
+# its in-flight lease starts. (If the slot was gone, returned or expired, the request is counted anew.)
+# KEYS: window zset, token sum, lease zset. ARGV: slot member, request id, tokens, tokens per slot, lease ms,
+#       window ms.
+USE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tokens, each, lease, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  if tokens ~= each then redis.call('INCRBY', KEYS[2], tokens - each) end
+else
+  redis.call('INCRBY', KEYS[2], tokens)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[2] .. '|' .. tokens)
+redis.call('ZADD', KEYS[3], now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], window * 2)
+redis.call('PEXPIRE', KEYS[2], window * 2)
+redis.call('PEXPIRE', KEYS[3], lease * 2)
+return 1
+"""
+
+# Unused slots given back. KEYS: window zset, token sum. ARGV: tokens per slot, then the slot members.
+RETURN_SLOTS = """
+local freed = 0
+for i = 2, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then freed = freed + tonumber(ARGV[1]) end
+end
+if freed > 0 then redis.call('DECRBY', KEYS[2], freed) end
+return freed
+"""
+
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by their SHA-1
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Allotment:
+    slots: list[str]  # unused slot members
+    each: int  # tokens per slot
+    expires: float  # monotonic; then the unused slots go back
+    window_key: str
+    tokens_key: str
 
 
 class RedisStore(CounterStore):
@@ -173,8 +276,21 @@ class RedisStore(CounterStore):
         self._view: dict[str, DeploymentState] = {}
         self._view_at: dict[str, float] = {}  # when each view entry came from Redis (monotonic)
         self._resending: set[asyncio.Task[None]] = set()
-        # Reservations decided without waiting, to be written after this loop turn (_send_unawaited).
-        self._unsent: list[tuple[Sequence[Candidate], list[bytes | str | int]]] = []
+        # Script calls not awaited, to be written after this loop turn (_send_unawaited): script source (for a
+        # NOSCRIPT), the command, what to do with the reply.
+        self._unsent: list[tuple[str, list[bytes | str | int], Callable[[object], object] | None]] = []
+        self._allotments: dict[str, list[_Allotment]] = {}  # deployment key -> slots held, oldest first
+        self._allotting: dict[str, asyncio.Task[None]] = {}  # deployment key -> the ALLOT under way
+        self._allot_serial = 0
+        self._slot_scripts_loaded = False
+        self._cooldown_channel = f"{prefix}:cooldowns"
+        self._cooldown_watch: asyncio.Task[None] | None = None
+        self._closing = False
+        self._no_allotment_until: dict[str, float] = {}  # deployment key -> monotonic time to ask again
+        self._processor_tag = secrets.token_hex(4)  # keeps this processor's slot names apart from others'
+        self._allot_sha = _sha1(ALLOT)
+        self._use_slot_sha = _sha1(USE_SLOT)
+        self._return_slots_sha = _sha1(RETURN_SLOTS)
 
     def keys(self, group: str, key: str) -> list[str]:
         cached = self._key_cache.get((group, key))
@@ -192,37 +308,187 @@ class RedisStore(CounterStore):
         self, group: str, candidates: Sequence[Candidate], order: Sequence[int], request_id: str,
         tokens: int, lease_s: float,
     ) -> Reservation:
+        first = self._first_choice(candidates, order)
+        lean = self._lean if self._lean is not None and self._lean.connected else None
+        if lean is not None and self._cooldown_watch is None:
+            self._cooldown_watch = asyncio.get_running_loop().create_task(self._watch_cooldowns())
+        if first is not None and lean is not None:
+            candidate = candidates[first]
+            if not (candidate.rpm or candidate.tpm):
+                # No limit to check, so nothing to wait for: the reservation (usage, lease, sample window) is
+                # sent after this decision's reply and not awaited; its reply refreshes the view.
+                keys, args = self._reserve_call(group, candidates, request_id, tokens, lease_s)
+                command = [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args, first + 1]
+                self._send_later(RESERVE, command, functools.partial(self._update_view, candidates))
+                return self._admit_in_view(candidates, first, tokens)
+            slot = self._take_slot(candidate, tokens)
+            if slot is not None:
+                # A slot allotted ahead: the limit was checked when it was allotted.
+                member, each = slot
+                w, tk, b = self.keys(group, candidate.key)[:3]
+                self._send_later(USE_SLOT, [b"EVALSHA", self._use_slot_sha, 3, w, tk, b, member, request_id,
+                                            tokens, each, int(lease_s * 1000), int(WINDOW_S * 1000)], None)
+                self._allot_ahead(group, candidate, tokens)
+                return self._admit_in_view(candidates, first, tokens)
+        keys, args = self._reserve_call(group, candidates, request_id, tokens, lease_s)
+        args += [i + 1 for i in order]
+        reservation = self._update_view(candidates, await self._run_reserve(keys, args))
+        if reservation.chosen is not None and self._lean is not None:
+            self._allot_ahead(group, candidates[reservation.chosen], tokens)
+        return reservation
+
+    def _reserve_call(
+        self, group: str, candidates: Sequence[Candidate], request_id: str, tokens: int, lease_s: float
+    ) -> tuple[list[str], list[str | int]]:
         keys: list[str] = []
         sample_ttl_ms = int(self._samples.ttl_s * 1000) if self._samples.in_decisions else 0
         args: list[str | int] = [request_id, tokens, int(lease_s * 1000), int(WINDOW_S * 1000), sample_ttl_ms]
         for candidate in candidates:
             keys += self.keys(group, candidate.key)
             args += [candidate.rpm or 0, candidate.tpm or 0]
-        unlimited = self._first_without_limits(candidates, order)
-        if unlimited is not None and self._lean is not None and self._lean.connected:
-            # No limit to check, so nothing to wait for: the reservation (usage, lease, sample window) goes
-            # to Redis right after this decision's reply (writing first would let Redis take the CPU before
-            # Envoy has the reply), in one write with any others of this loop turn, and is not awaited; its
-            # reply refreshes this processor's view when it lands.
-            if not self._unsent:
-                asyncio.get_running_loop().call_soon(self._send_unawaited)
-            self._unsent.append((candidates, [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args, unlimited + 1]))
-            return self._admit_in_view(candidates, unlimited, tokens)
-        args += [i + 1 for i in order]
-        reply = await self._run_reserve(keys, args)
-        return self._update_view(candidates, reply)
+        return keys, args
 
-    def _first_without_limits(self, candidates: Sequence[Candidate], order: Sequence[int]) -> int | None:
-        """The candidate RESERVE would admit when that needs no shared check: the first in ``order`` not
-        cooling down (as last seen), if it has neither rpm nor tpm. None when a limited one comes first."""
+    def _first_choice(self, candidates: Sequence[Candidate], order: Sequence[int]) -> int | None:
+        """The first candidate in ``order`` not cooling down, as last seen."""
         now = time.monotonic()
         for index in order:
-            candidate = candidates[index]
-            state = self._view.get(candidate.key)
-            if state is not None and state.cooldown_s > now - self._view_at[candidate.key]:
-                continue
-            return None if candidate.rpm or candidate.tpm else index
+            key = candidates[index].key
+            state = self._view.get(key)
+            if state is None or state.cooldown_s <= now - self._view_at[key]:
+                return index
         return None
+
+    # -- allotments -------------------------------------------------------------------------------------
+    #
+    # A deployment with rpm/tpm and ample room gets a few window slots reserved ahead by this processor
+    # (ALLOT, off the request path), and decisions there use one each without a round trip. The limits stay
+    # exact: a slot counts in the window from the moment it is allotted and is replaced by the request's own
+    # entry when used (USE_SLOT, sent after the reply, ahead of the settle), so Redis never holds more than
+    # rpm entries. Unused slots go back after ALLOT_S; near the limit nothing is allotted and every decision
+    # is checked in Redis. A slot carries a fixed number of tokens; a request estimated above it is checked
+    # in Redis too.
+
+    def _take_slot(self, candidate: Candidate, tokens: int) -> tuple[str, int] | None:
+        allotments = self._allotments.get(candidate.key)
+        if not allotments:
+            return None
+        now = time.monotonic()
+        for allotment in allotments:
+            if allotment.slots and allotment.expires > now and (candidate.tpm is None or tokens <= allotment.each):
+                return allotment.slots.pop(), allotment.each
+        return None
+
+    def _allot_ahead(self, group: str, candidate: Candidate, tokens: int) -> None:
+        """Ask for slots on this deployment when this processor has few left there (one request at a time)."""
+        key = candidate.key
+        now = time.monotonic()
+        if key in self._allotting or self._no_allotment_until.get(key, 0.0) > now:
+            return
+        left = sum(len(a.slots) for a in self._allotments.get(key, ()) if a.expires > now)
+        if left >= ALLOT_REFILL_BELOW:
+            return
+        each = max(ALLOT_LEAST_TOKENS, 2 * tokens)
+        # Only where the last figures seen leave ample room: a small or busy deployment costs no extra calls.
+        state = self._view.get(key) or DeploymentState()
+        if candidate.rpm and candidate.rpm - state.rpm_used < ALLOT_LEAST_ROOM:
+            return
+        if candidate.tpm and (candidate.tpm - state.tpm_used) // each < ALLOT_LEAST_ROOM:
+            return
+        task = asyncio.get_running_loop().create_task(self._allot(group, candidate, each))
+        self._allotting[key] = task
+        task.add_done_callback(lambda _: self._allotting.pop(key, None))
+
+    async def _allot(self, group: str, candidate: Candidate, each: int) -> None:
+        assert self._lean is not None
+        if not self._slot_scripts_loaded:
+            # Loaded before any slot exists, so using or returning one never meets NOSCRIPT (whose resend
+            # would land after later commands) unless Redis restarts meanwhile.
+            try:
+                for script in (USE_SLOT, RETURN_SLOTS):
+                    await self._lean.call(b"SCRIPT", b"LOAD", script)
+            except (RespError, OSError, TimeoutError) as exc:
+                log.debug("no slots allotted: %s", exc)
+                return
+            self._slot_scripts_loaded = True
+        self._allot_serial += 1
+        prefix = f"~{self._processor_tag}:{self._allot_serial}:"
+        w, tk = self.keys(group, candidate.key)[:2]
+        cooldown = self.keys(group, candidate.key)[5]
+        command: list[bytes | str | int] = [
+            b"EVALSHA", self._allot_sha, 3, w, tk, cooldown, int(WINDOW_S * 1000), candidate.rpm or 0,
+            candidate.tpm or 0, ALLOT_SLOTS, each, prefix, ALLOT_LEAST_ROOM,
+        ]
+        try:
+            reply = await self._call_script(ALLOT, command)
+        except (RespError, RedisError, OSError, TimeoutError) as exc:
+            log.debug("no slots allotted: %s", exc)
+            return
+        assert isinstance(reply, list)
+        granted, rpm_used, tpm_used, cooling_ms = (int(value) for value in reply)  # type: ignore[call-overload]
+        state = self._view.get(candidate.key) or DeploymentState()
+        self._view[candidate.key] = dataclasses.replace(
+            state, rpm_used=rpm_used, tpm_used=tpm_used, cooldown_s=cooling_ms / 1000
+        )
+        self._view_at[candidate.key] = time.monotonic()
+        if cooling_ms:
+            self._return_all_slots(candidate.key)  # another processor started a cooldown: stop using slots
+        if not granted:
+            self._no_allotment_until[candidate.key] = time.monotonic() + ALLOT_S  # cooling, or others took the room
+            return
+        if granted:
+            allotment = _Allotment(
+                [f"{prefix}{i}|{each}" for i in range(granted, 0, -1)], each, time.monotonic() + ALLOT_S, w, tk
+            )
+            self._allotments.setdefault(candidate.key, []).append(allotment)
+            asyncio.get_running_loop().call_later(ALLOT_S, self._return_slots, candidate.key, allotment)
+
+    def _return_slots(self, key: str, allotment: _Allotment) -> None:
+        allotments = self._allotments.get(key, [])
+        if allotment in allotments:
+            allotments.remove(allotment)
+        if allotment.slots:
+            slots, allotment.slots = allotment.slots, []
+            self._send_later(RETURN_SLOTS, [b"EVALSHA", self._return_slots_sha, 2, allotment.window_key,
+                                            allotment.tokens_key, allotment.each, *slots], None)
+
+    def _return_all_slots(self, key: str) -> None:
+        for allotment in list(self._allotments.get(key, ())):
+            self._return_slots(key, allotment)
+
+    async def _watch_cooldowns(self) -> None:
+        """Cooldowns any processor starts reach this one at once (FAIL publishes them), so decisions taken
+        without a round trip (allotted slots, deployments without limits) stop going there; a cooldown
+        missed while (re)subscribing still shows in the next Redis reply."""
+        this = asyncio.current_task()
+        assert this is not None
+
+        def running() -> bool:  # redis-py may swallow a cancellation mid-read; cancelling() still tells
+            return not self._closing and not this.cancelling()
+
+        while running():
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._cooldown_channel)
+                while running():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self._on_cooldown(message["data"])
+            except (RedisError, OSError) as exc:
+                log.debug("cooldown channel: %s; subscribing again", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_cooldown(self, data: bytes | str) -> None:
+        text = data.decode() if isinstance(data, bytes) else data
+        key, _, milliseconds = text.rpartition(" ")
+        state = self._view.get(key) or DeploymentState()
+        self._view[key] = dataclasses.replace(state, cooldown_s=int(milliseconds) / 1000)
+        self._view_at[key] = time.monotonic()
+        self._return_all_slots(key)
+
+    # -- the view ---------------------------------------------------------------------------------------
 
     def _admit_in_view(self, candidates: Sequence[Candidate], chosen: int, tokens: int) -> Reservation:
         key = candidates[chosen].key
@@ -233,68 +499,87 @@ class RedisStore(CounterStore):
         self._view_at.setdefault(key, time.monotonic())
         return Reservation(chosen, self.snapshot("", candidates), time.time())
 
-    def _update_view(self, candidates: Sequence[Candidate], reply: list[object]) -> Reservation:
+    def _update_view(self, candidates: Sequence[Candidate], reply: object) -> Reservation:
+        assert isinstance(reply, list)
         reservation = _parse_reservation(reply, len(candidates))
         now = time.monotonic()
         for candidate, state in zip(candidates, reservation.states, strict=True):
             self._view[candidate.key] = state
             self._view_at[candidate.key] = now
+            if state.cooldown_s > 0 and candidate.key in self._allotments:
+                self._return_all_slots(candidate.key)  # cooling down: no more requests there from slots
         return reservation
 
+    # -- commands sent without waiting --------------------------------------------------------------------
+
+    def _send_later(
+        self, script: str, command: list[bytes | str | int], on_reply: Callable[[object], object] | None
+    ) -> None:
+        """Queue a script call to be written after this loop turn (writing before the decision's reply would
+        let Redis take the CPU while Envoy waits), in one write with the others of the turn, not awaited."""
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send_unawaited)
+        self._unsent.append((script, command, on_reply))
+
     def _send_unawaited(self) -> None:
-        """Write the reservations not awaited so far; called soon after each decision, and before any settle
-        so that a request's reservation always reaches Redis ahead of its settle."""
+        """Write the queued calls; called soon after each decision, and before any settle so that a request's
+        reservation always reaches Redis ahead of its settle."""
         unsent, self._unsent = self._unsent, []
         if not unsent:
             return
         assert self._lean is not None
-        futures = self._lean.send_nowait([command for _, command in unsent])
+        futures = self._lean.send_nowait([command for _, command, _ in unsent])
         if futures is None:
-            log.warning("%d unawaited reservations lost: the Redis connection closed", len(unsent))
+            log.warning("%d reservations not sent: the Redis connection closed", len(unsent))
             return
-        for future, (candidates, command) in zip(futures, unsent, strict=True):
-            future.add_done_callback(functools.partial(self._on_unawaited_reserve, candidates=candidates,
-                                                       command=command))
+        for future, (script, command, on_reply) in zip(futures, unsent, strict=True):
+            future.add_done_callback(functools.partial(self._on_unawaited_reply, script=script, command=command,
+                                                       on_reply=on_reply))
 
-    def _on_unawaited_reserve(
-        self, done: asyncio.Future[object], candidates: Sequence[Candidate], command: list[bytes | str | int]
+    def _on_unawaited_reply(
+        self, done: asyncio.Future[object], script: str, command: list[bytes | str | int],
+        on_reply: Callable[[object], object] | None,
     ) -> None:
         if done.cancelled():
             return
         error = done.exception()
         if error is None:
-            reply = done.result()
-            if isinstance(reply, list):
-                self._update_view(candidates, reply)
+            if on_reply is not None:
+                on_reply(done.result())
         elif isinstance(error, RespError) and "NOSCRIPT" in str(error):
-            task = asyncio.get_running_loop().create_task(self._resend(candidates, command))
+            task = asyncio.get_running_loop().create_task(self._resend(script, command, on_reply))
             self._resending.add(task)
             task.add_done_callback(self._resending.discard)
-        else:
-            # The request went to a deployment without limits; only its usage figures miss it.
-            log.warning("an unawaited reservation failed: %s", error)
+        elif not self._closing:
+            # The request was admitted already; only the shared figures miss it.
+            log.warning("a reservation sent without waiting failed: %s", error)
 
-    async def _resend(self, candidates: Sequence[Candidate], command: list[bytes | str | int]) -> None:
+    async def _resend(
+        self, script: str, command: list[bytes | str | int], on_reply: Callable[[object], object] | None
+    ) -> None:
+        try:
+            reply = await self._call_script(script, command)
+        except (RespError, RedisError, OSError, TimeoutError) as exc:
+            log.warning("a reservation sent without waiting failed: %s", exc)
+            return
+        if on_reply is not None:
+            on_reply(reply)
+
+    async def _call_script(self, script: str, command: list[bytes | str | int]) -> object:
+        """EVALSHA on the lean connection, loading the script once if Redis forgot it (a restart)."""
         assert self._lean is not None
         try:
-            await self._lean.call(b"SCRIPT", b"LOAD", RESERVE)  # Redis restarted and forgot it
-            reply = await self._lean.call(*command)
-        except (RespError, OSError, TimeoutError) as exc:
-            log.warning("an unawaited reservation failed: %s", exc)
-            return
-        if isinstance(reply, list):
-            self._update_view(candidates, reply)
+            return await self._lean.call(*command)
+        except RespError as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise RedisError(str(exc)) from None
+        await self._lean.call(b"SCRIPT", b"LOAD", script)
+        return await self._lean.call(*command)
 
     async def _run_reserve(self, keys: list[str], args: list[str | int]) -> list[object]:
         if self._lean is None:
             return await self._reserve(keys=keys, args=args)  # type: ignore[no-any-return]
-        try:
-            reply = await self._lean.call(b"EVALSHA", self._reserve.sha, len(keys), *keys, *args)
-        except RespError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise RedisError(str(exc)) from None
-            await self._lean.call(b"SCRIPT", b"LOAD", RESERVE)  # Redis restarted and forgot it
-            reply = await self._lean.call(b"EVALSHA", self._reserve.sha, len(keys), *keys, *args)
+        reply = await self._call_script(RESERVE, [b"EVALSHA", self._reserve.sha, len(keys), *keys, *args])
         assert isinstance(reply, list)
         return reply
 
@@ -329,7 +614,7 @@ class RedisStore(CounterStore):
             return
         await self._pipelined(self._fail, [
             (self.keys(group, key)[5:], [max(1, int(failure.cooldown_s * 1000)), int(failure.immediate),
-                                          failure.allowed_fails])
+                                          failure.allowed_fails, self._cooldown_channel, key])
             for group, key, failure in failures
         ])
 
@@ -374,6 +659,16 @@ class RedisStore(CounterStore):
         return _parse_reservation(reply, len(candidates)).states
 
     async def close(self) -> None:
+        self._closing = True
+        if self._cooldown_watch is not None:
+            self._cooldown_watch.cancel()  # redis-py may swallow it mid-read: the loop also checks _closing
+            await asyncio.wait({self._cooldown_watch}, timeout=2.0)
+        for task in self._allotting.values():
+            task.cancel()
+        for key in list(self._allotments):
+            self._return_all_slots(key)  # not wasted until they would expire
+        if self._lean is not None and self._lean.connected:
+            self._send_unawaited()
         if self._lean is not None:
             await self._lean.close()
         await self._redis.aclose()

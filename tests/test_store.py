@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -154,6 +155,8 @@ async def test_redis_reserve_is_one_round_trip(redis_server: RedisServer, redis_
     # server side: ten EVALSHA; every other command counted ran inside the script
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
     delta.pop("info", None)
+    for command in ("hello", "ping", "subscribe", "client|setinfo"):  # the cooldown channel's connection
+        delta.pop(command, None)
     assert delta.pop("evalsha") == 10
     inside_script = {"time", "zrangebyscore", "zremrangebyscore", "zcard", "get", "zadd", "incrby", "pexpire", "pttl",
                      "zrange", "lrange", "decrby"}
@@ -326,3 +329,155 @@ async def test_a_decision_cancelled_mid_reservation_gives_its_lease_back(
     await asyncio.sleep(0.4)
     assert (await store.states("m", candidates))[0].in_flight == 1  # released; the warm-up request remains
     await store.close()
+
+
+# -- allotments: slots reserved ahead on a deployment with ample room -----------------------------------------
+
+
+@types.coroutine
+def _resume(coro: Any, pending: Any) -> Any:
+    """Go on driving a coroutine that was started by hand and suspended on ``pending``."""
+    while True:
+        try:
+            yield pending
+        except BaseException as exc:  # thrown in by the task (cancellation)
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                pending = coro.send(None)
+            except StopIteration as done:
+                return done.value
+
+
+async def decide(coro: Any) -> tuple[Any, bool]:
+    """The coroutine's result, and whether it came without waiting for any I/O."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as done:
+        return done.value, True
+    return await _resume(coro, pending), False
+
+
+async def settled(store: RedisStore) -> None:
+    """Let background work finish: allotments asked for, slot uses and returns written and answered."""
+    for _ in range(5):
+        await asyncio.sleep(0.02)
+        store._send_unawaited()
+
+
+async def test_allotted_slots_admit_without_waiting(redis_url: str) -> None:
+    from extproc import redis_store
+
+    big = Candidate("dep-big", rpm=1000, tpm=None)
+    store = RedisStore(redis_url, prefix="allot")
+    assert (await store.reserve("g", (big,), (0,), "r0", 10, 30)).chosen == 0  # checked in Redis
+    await settled(store)
+    # The first decision asked for slots: they count in the window at once.
+    assert (await store.states("g", (big,)))[0].rpm_used == 1 + redis_store.ALLOT_SLOTS
+    reservation = finished_at_once(store.reserve("g", (big,), (0,), "r1", 10, 30))
+    assert reservation.chosen == 0
+    await settled(store)
+    state = (await store.states("g", (big,)))[0]
+    # r1 took a slot's place: still 1 + ALLOT_SLOTS entries (or more, if a refill came), and r1 is in flight.
+    assert state.in_flight == 2
+    await store.settle([outcome("dep-big", "r1", 10, total=4)])
+    assert (await store.states("g", (big,)))[0].in_flight == 1
+    await store.close()  # gives the unused slots back
+    store = RedisStore(redis_url, prefix="allot")
+    state = (await store.states("g", (big,)))[0]
+    assert (state.rpm_used, state.tpm_used) == (2, 14)  # r0 and r1, r1 with its actual tokens
+    await store.close()
+
+
+async def test_unused_slots_go_back_and_small_deployments_get_none(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from extproc import redis_store
+
+    monkeypatch.setattr(redis_store, "ALLOT_S", 0.2)
+    big = Candidate("dep-big", rpm=1000, tpm=None)
+    store = RedisStore(redis_url, prefix="allot-back")
+    await store.reserve("g", (big,), (0,), "r0", 10, 30)
+    await settled(store)
+    assert (await store.states("g", (big,)))[0].rpm_used > 1
+    await asyncio.sleep(0.3)
+    await settled(store)
+    assert (await store.states("g", (big,)))[0].rpm_used == 1
+    # rpm 3 (A): far below the least room; every decision is checked in Redis and nothing else is sent.
+    for i in range(3):
+        await store.reserve("g", (A,), (0,), f"a{i}", 1, 30)
+    await settled(store)
+    assert not store._allotments.get("dep-a") and (await store.states("g", (A,)))[0].rpm_used == 3
+    await store.close()
+
+
+async def test_slots_carry_tokens_and_a_larger_estimate_is_checked_in_redis(redis_url: str) -> None:
+    from extproc import redis_store
+
+    tokens = Candidate("dep-tpm", rpm=None, tpm=1_000_000)
+    store = RedisStore(redis_url, prefix="allot-tpm")
+    await store.reserve("g", (tokens,), (0,), "r0", 100, 30)
+    await settled(store)
+    each = redis_store.ALLOT_LEAST_TOKENS  # max(256, 2 x 100)
+    assert (await store.states("g", (tokens,)))[0].tpm_used == 100 + redis_store.ALLOT_SLOTS * each
+    finished_at_once(store.reserve("g", (tokens,), (0,), "r1", 100, 30))  # fits a slot
+    reservation, at_once = await decide(store.reserve("g", (tokens,), (0,), "r2", each + 1, 30))
+    assert reservation.chosen == 0 and not at_once  # larger than a slot: Redis decides
+    await store.close()
+    store = RedisStore(redis_url, prefix="allot-tpm")
+    # r0, r1 and r2 with their own estimates; every unused slot given back
+    assert (await store.states("g", (tokens,)))[0].tpm_used == 100 + 100 + each + 1
+    await store.close()
+
+
+async def test_limits_stay_exact_across_processors_with_allotments(redis_url: str) -> None:
+    """Two processors share a deployment of rpm 120 and keep asking: exactly 120 get through, some from
+    slots, and Redis never holds more than 120 entries."""
+    limited = Candidate("dep-120", rpm=120, tpm=None)
+    stores = [RedisStore(redis_url, prefix="allot-exact") for _ in range(2)]
+    admitted = 0
+    from_slots = 0
+    for i in range(400):
+        store = stores[i % 2]
+        reservation, at_once = await decide(store.reserve("g", (limited,), (0,), f"r{i}", 1, 30))
+        admitted += reservation.chosen is not None
+        from_slots += at_once
+        if i % 10 == 0:
+            await settled(store)
+            assert (await store.states("g", (limited,)))[0].rpm_used <= 120
+    for store in stores:
+        await store.close()
+    assert from_slots > 0
+    assert admitted == 120
+    check = RedisStore(redis_url, prefix="allot-exact")
+    assert (await check.states("g", (limited,)))[0].rpm_used == 120
+    await check.close()
+
+
+async def test_a_cooldown_reaches_every_processor_at_once(redis_url: str) -> None:
+    """Decisions taken without a round trip (slots, deployments without limits) must skip a deployment as
+    soon as any processor starts its cooldown: FAIL publishes it, and the others drop their slots there."""
+    from extproc.cooldown import Failure
+
+    big = Candidate("dep-big", rpm=1000, tpm=None)
+    other = Candidate("dep-other", rpm=None, tpm=None)
+    deciding, failing = RedisStore(redis_url, prefix="cool-pub"), RedisStore(redis_url, prefix="cool-pub")
+    for i in range(2):
+        await deciding.reserve("g", (big, other), (0, 1), f"w{i}", 1, 30)  # slots allotted, channel subscribed
+    await settled(deciding)
+    assert deciding._allotments.get("dep-big")
+    reservation, at_once = await decide(deciding.reserve("g", (big, other), (0, 1), "r1", 1, 30))
+    assert (reservation.chosen, at_once) == (0, True)
+    await failing.record_failures([("g", "dep-big", Failure(cooldown_s=5.0, immediate=True, allowed_fails=1))])
+    for _ in range(100):
+        if deciding.snapshot("g", (big,))[0].cooldown_s > 0:
+            break
+        await asyncio.sleep(0.01)
+    reservation, at_once = await decide(deciding.reserve("g", (big, other), (0, 1), "r2", 1, 30))
+    assert (reservation.chosen, at_once) == (1, True)  # the unlimited one, without waiting either
+    assert not any(a.slots for a in deciding._allotments.get("dep-big", []))  # given back
+    for store in (deciding, failing):
+        await store.close()
