@@ -1,9 +1,13 @@
-"""The Redis backend of the counter store: exact limits across processors, one round trip per decision.
+"""The Redis backend of the counter store: exact limits across processors, at most one round trip per decision.
 
-Each routing decision is one EVALSHA of RESERVE: it trims the candidates' sliding windows, reads their
-state and admits the request on the first candidate (in the strategy's order) that fits, atomically,
-using Redis' clock so processors on different hosts agree. Finished requests are settled in batches
-(one pipeline per access-log message), off the request path.
+A routing decision is one EVALSHA of RESERVE: it trims the candidates' sliding windows, reads their state and
+admits the request on the first candidate (in the strategy's order) that fits, atomically, using Redis' clock
+so processors on different hosts agree. Two cases skip the wait for its reply:
+- a first choice without rpm/tpm (nothing to check): RESERVE is sent after the decision's reply;
+- a first choice with ample room, on which this processor holds slots allotted ahead (ALLOT): the slot is
+  used at once and USE_SLOT sent after the reply (see "allotments" in RedisStore).
+Finished requests are settled in batches (one pipeline per access-log message), off the request path, and
+cooldowns are published to every processor.
 
 All keys of a model group share one hash tag, so the scripts also work on Redis Cluster.
 """

@@ -1,7 +1,7 @@
 """The counter store: per-deployment usage windows, in-flight leases and latency samples.
 
 One interface, two backends: in memory (the default; exact within one processor) and Redis (exact across
-any number of processors, one round trip per routing decision; see redis_store.py). Both implement the
+any number of processors, at most one round trip per routing decision; see redis_store.py). Both implement the
 same semantics, tested side by side:
 
 - **Sliding 60 s windows** for rpm and tpm: a request counts against its deployment for exactly the 60 s
