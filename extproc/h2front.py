@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import struct
 import typing
@@ -425,5 +424,3 @@ class ExtProcFront:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)
