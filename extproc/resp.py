@@ -141,28 +141,17 @@ class RespConnection:
     async def call_many(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[object]:
         """Several commands in one write (a pipeline): their replies in order, an error reply as a RespError
         in its place rather than raised."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[object]] = []
-        for _ in commands:
-            futures.append(loop.create_future())
-        protocol.pending.extend(futures)
-        assert protocol.transport is not None
-        protocol.transport.write(b"".join(
-            _pack([a if isinstance(a, bytes) else str(a).encode() for a in args]) for args in commands
-        ))
-        timer = loop.call_later(self._timeout, _expire_all, futures)
+        futures = self.send_nowait(commands)
+        if futures is None:
+            await self._connect()
+            futures = self.send_nowait(commands)
+            assert futures is not None
         replies: list[object] = []
-        try:
-            for future in futures:
-                try:
-                    replies.append(await future)
-                except RespError as exc:
-                    replies.append(exc)
-        finally:
-            timer.cancel()
+        for future in futures:
+            try:
+                replies.append(await future)
+            except RespError as exc:
+                replies.append(exc)
         return replies
 
     async def close(self) -> None:
