@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,22 +27,57 @@ from .config import RouterConfig, load_config
 from .envoy_render import RenderOptions, render_bootstrap, render_yaml
 from .redact import Redactor
 
+_issued_ports: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a process started next.
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be taken again by any
+    outgoing connection in the moment between our check and the server's bind (CI saw Envoy fail with "Address
+    already in use" that way). Ports below the range are only ever taken by an explicit bind. Ports issued by this
+    process are not issued twice, as a server may not have bound the last one yet.
+    """
+    low, _high = _ephemeral_range()
+    first, last = 20000, low - 1
+    if last - first < 1000:  # an unusual range leaves no room below it: fall back to the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randint(first, last)
+        if port in _issued_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
+        return port
 
 
 def free_port_pair() -> int:
     """A free port whose next port is free too: `serve --port P` puts its lean ext_proc listener on P + 1."""
     while True:
         port = free_port()
+        if port + 1 in _issued_ports:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
+        _issued_ports.add(port + 1)
         return port
 
 
