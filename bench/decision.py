@@ -18,7 +18,7 @@ import orjson
 
 from extproc.config import parse_config
 from extproc.launcher import free_port
-from extproc.protocol import ExternalProcessor, encode_metadata
+from extproc.protocol import ExternalProcessor
 from extproc.redis_store import RedisStore
 from extproc.routing import Flow, Routed, Router, samples_of
 from extproc.store import CounterStore, MemoryStore
@@ -44,7 +44,7 @@ async def measure(store: CounterStore, strategy: str, n: int) -> float:
     for i in range(n):
         decision = await router.on_body(Flow("chat/completions", None, f"r{i}"), BODY)
         assert isinstance(decision, Routed)
-        processor._encode_forward(decision.forward) + encode_metadata(decision.metadata)
+        processor.encode_decision(decision)
     return (time.process_time() - started) / n * 1e6
 
 
