@@ -377,9 +377,14 @@ class RedisStore(CounterStore):
         if not allotments:
             return None
         now = time.monotonic()
-        for allotment in allotments:
+        for index, allotment in enumerate(allotments):
             if allotment.slots and allotment.expires > now and (candidate.tpm is None or tokens <= allotment.each):
-                return allotment.slots.pop(), allotment.each
+                slot = allotment.slots.pop()
+                if not allotment.slots:
+                    # Used up: out of the list at once (its timer finds nothing to return), so the lists
+                    # stay short however many allotments a busy deployment goes through each second.
+                    del allotments[index]
+                return slot, allotment.each
         return None
 
     def _allot_ahead(self, group: str, candidate: Candidate, tokens: int) -> None:
@@ -497,8 +502,11 @@ class RedisStore(CounterStore):
     def _admit_in_view(self, candidates: Sequence[Candidate], chosen: int, tokens: int) -> Reservation:
         key = candidates[chosen].key
         state = self._view.get(key) or DeploymentState()
-        self._view[key] = dataclasses.replace(
-            state, rpm_used=state.rpm_used + 1, tpm_used=state.tpm_used + tokens, in_flight=state.in_flight + 1
+        # A new state, never changed in place: earlier reservations hold the old one. (Positional: ~10x
+        # cheaper than dataclasses.replace, and this runs for every decision taken without a round trip.)
+        self._view[key] = DeploymentState(
+            state.rpm_used + 1, state.tpm_used + tokens, state.in_flight + 1, state.latency, state.ttft,
+            state.frees_in_s, state.cooldown_s,
         )
         self._view_at.setdefault(key, time.monotonic())
         return Reservation(chosen, self.snapshot("", candidates), time.time())
@@ -598,7 +606,10 @@ class RedisStore(CounterStore):
         for outcome in outcomes:
             state = self._view.get(outcome.key)
             if state is not None and state.in_flight > 0:
-                self._view[outcome.key] = dataclasses.replace(state, in_flight=state.in_flight - 1)
+                self._view[outcome.key] = DeploymentState(
+                    state.rpm_used, state.tpm_used, state.in_flight - 1, state.latency, state.ttft,
+                    state.frees_in_s, state.cooldown_s,
+                )
         await self._pipelined(self._settle, [
             (
                 self.keys(outcome.group, outcome.key)[:5],

@@ -392,6 +392,24 @@ async def test_allotted_slots_admit_without_waiting(redis_url: str) -> None:
     await store.close()
 
 
+async def test_used_up_allotments_are_dropped_at_once(redis_url: str) -> None:
+    """A busy deployment goes through many allotments a second: used-up ones must not pile up until their
+    timer, or every decision pays for walking them."""
+    big = Candidate("dep-big", rpm=100_000, tpm=None)
+    store = RedisStore(redis_url, prefix="allot-busy")
+    at_once = 0
+    for i in range(300):
+        reservation, without_waiting = await decide(store.reserve("g", (big,), (0,), f"r{i}", 10, 30))
+        assert reservation.chosen == 0
+        at_once += without_waiting
+        await asyncio.sleep(0)  # let the refills be asked for and answered
+        if i % 10 == 0:
+            await settled(store)
+        assert len(store._allotments.get("dep-big", [])) <= 2
+    assert at_once > 200  # most decisions came from slots
+    await store.close()
+
+
 async def test_unused_slots_go_back_and_small_deployments_get_none(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
