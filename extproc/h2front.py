@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import logging
 import struct
 import typing
@@ -95,7 +96,9 @@ def error_trailers(code: int, message: str) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("buffer", "exchange", "headers_sent", "id", "inbox", "remote_closed", "send_window", "task")
+    __slots__ = (
+        "answered", "buffer", "exchange", "headers_sent", "id", "inbox", "remote_closed", "send_window", "task"
+    )
 
     def __init__(self, stream_id: int, exchange: Exchange, send_window: int) -> None:
         self.id = stream_id
@@ -105,6 +108,7 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
         self.remote_closed = False
         self.headers_sent = False
+        self.answered = False  # the last response is out, or waiting for window: the trailers follow it
         self.send_window = send_window
 
 
@@ -290,11 +294,23 @@ class _Connection(asyncio.Protocol):
             stream.inbox.append(bytes(buffer[5 : 5 + size]))
             del buffer[: 5 + size]
         if stream.inbox and stream.task is None:
-            stream.task = asyncio.get_running_loop().create_task(self._answer(stream))
+            self._answer_eagerly(stream)
+
+    def _answer_eagerly(self, stream: _Stream) -> None:
+        """Runs the answer in this callback, up to the first thing it must wait for. Most decisions wait for
+        nothing (in memory, or on Redis from allotted slots), so the reply is written before this returns:
+        no task to create and no loop turn to wait for (~25 µs per request on a 2-core VM, and no queueing
+        behind other ready callbacks). A decision that waits (a Redis round trip) goes on in a task."""
+        coro = self._answer(stream)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return
+        stream.task = asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
 
     def _on_remote_close(self, stream: _Stream) -> None:
         stream.remote_closed = True
-        if stream.task is None and not stream.inbox:
+        if stream.task is None and not stream.inbox and not stream.answered:
             # Envoy finished its side and every message was answered: end the call.
             self._finish(stream, OK_TRAILERS)
 
@@ -323,6 +339,7 @@ class _Connection(asyncio.Protocol):
 
     def _send(self, stream: _Stream, message: bytes, last: bool) -> None:
         data = b"\x00" + len(message).to_bytes(4, "big") + message
+        stream.answered = last
         out = b""
         if not stream.headers_sent:
             stream.headers_sent = True
@@ -390,6 +407,33 @@ class _Connection(asyncio.Protocol):
         """Shutdown: no new streams; the ones under way finish."""
         self.going_away = True
         self._write(frame(GOAWAY, 0, 0, self.last_stream_id.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big")))
+
+
+class _Started(collections.abc.Coroutine[typing.Any, typing.Any, None]):
+    """A coroutine that was started outside any task, given to a task from the point where it waits: the
+    task's first step gets what it yielded (the future it waits on), later steps and every exception thrown
+    in (a cancellation, even before the first step) go on to the coroutine itself."""
+
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro: typing.Coroutine[typing.Any, typing.Any, None], waiting_on: typing.Any) -> None:
+        self._coro = coro
+        self._waiting_on: typing.Any = [waiting_on]
+
+    def send(self, value: typing.Any) -> typing.Any:
+        if self._waiting_on:
+            return self._waiting_on.pop()
+        return self._coro.send(value)
+
+    def throw(self, *exc: typing.Any) -> typing.Any:  # type: ignore[override]
+        self._waiting_on = []
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> typing.Generator[typing.Any, None, None]:
+        raise TypeError("a started coroutine is only run by a task")
 
 
 class ExtProcFront:

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from extproc import h2front
+from extproc import h2front, routing
 from extproc.h2front import (
     ACK,
     CONTINUATION,
@@ -57,13 +57,13 @@ def chat_body(content: str = "hello") -> bytes:
     return orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]})
 
 
-def body_message(body: bytes | None = None) -> pb.ProcessingRequest:
+def body_message(body: bytes | None = None, request_id: str = "req-1") -> pb.ProcessingRequest:
     """What Envoy sends for a POST: the buffered body, the headers routing needs as attributes."""
     return pb.ProcessingRequest(
         request_body=pb.HttpBody(body=chat_body() if body is None else body, end_of_stream=True),
         attributes={EXT_PROC_ATTRIBUTES: struct_pb2.Struct(fields={
             "request.path": struct_pb2.Value(string_value="/v1/chat/completions"),
-            "request.id": struct_pb2.Value(string_value="req-1"),
+            "request.id": struct_pb2.Value(string_value=request_id),
         })},
     )
 
@@ -367,3 +367,44 @@ async def test_random_frames_never_break_the_listener(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     responses, code = await call(server.ext_proc_port, body_message())
     assert code == grpc.StatusCode.OK and routed_cluster(responses[0])
+
+
+async def test_a_decision_that_waits_for_redis_is_answered_or_cancelled_from_a_task(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A deployment with little room is checked in Redis on every decision, so the answer cannot be written
+    in the frame's callback: it goes on in a task, which a reset cancels (and the lease is given back)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("api_key: key-a}", "api_key: key-a, rpm: 10}").replace(
+        "api_key: key-b}", "api_key: key-b, rpm: 10}") + f"router_settings:\n  redis_url: {redis_url}\n")
+    server = ProcessorServer(config, port=0, ext_proc_port=0)
+    await server.start()
+    try:
+        assert server.ext_proc_port is not None
+        client = await RawClient.connect(server.ext_proc_port)
+        try:
+            client.send(PREFACE, frame(SETTINGS, 0, 0))
+            warm, reset, answered = (grpc_message(body_message(request_id=name)) for name in ("warm", "reset", "req"))
+            # Stream 1 warms up the Redis connection. Stream 3's decision is sent to Redis at once and then reset
+            # while it waits for the reply; stream 5 is answered when Redis replies.
+            client.send(frame(HEADERS, END_HEADERS, 1, b"\x83"), frame(DATA, END_STREAM, 1, warm))
+            await client.until(HEADERS, 1)
+            await client.until(HEADERS, 1)
+            client.send(frame(HEADERS, END_HEADERS, 3, b"\x83"), frame(DATA, END_STREAM, 3, reset),
+                        frame(RST_STREAM, 0, 3, (8).to_bytes(4, "big")))
+            client.send(frame(HEADERS, END_HEADERS, 5, b"\x83"), frame(DATA, END_STREAM, 5, answered))
+            frames = await client.until(DATA, 5)
+            assert all(stream_id in (0, 5) for _, _, stream_id, _ in frames)
+            assert routed_cluster(pb.ProcessingResponse.FromString(frames[-1][3][5:]))
+            assert await client.frame() == (HEADERS, END_STREAM | END_HEADERS, 5, OK_TRAILERS)
+        finally:
+            client.close()
+        router = server.processor.router
+        group = router.groups()["gpt-4o"]
+        states = await router.store.states(group.name, group.candidates)
+        assert sum(state.in_flight for state in states) == 3  # the reset decision had reached Redis
+        await asyncio.sleep(routing.ORPHAN_RELEASE_DELAY_S + 0.5)
+        states = await router.store.states(group.name, group.candidates)
+        assert sum(state.in_flight for state in states) == 2  # the reset one was given back
+    finally:
+        await server.stop(grace=0.5)
