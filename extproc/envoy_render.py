@@ -39,13 +39,18 @@ PROCESSOR_CIRCUIT_BREAKERS = {
     "max_retries": 1000000,
 }
 RETRIABLE_STATUS_CODES = [408, 429, 500, 502, 503, 504]
+# Added by the LLM route to every response it forwards (from the routing metadata): how the usage filter
+# tells a routed response from the processor's and Envoy's own replies.
+ROUTED_RESPONSE_HEADER = "x-litellm-model-group"
+
+
 def response_headers() -> dict[str, str]:
     """What the client learns: which deployment served it (the endpoint of the last attempt, so a failover
     shows), how many attempts it took, and the model group's rate figures. LiteLLM's names where they
     exist, so its tooling works."""
     served = {"x-litellm-model-id": "id", "x-llm-deployment": "deployment", "x-litellm-model-api-base": "api_base"}
     routed = {
-        "x-litellm-model-group": "model_group",
+        ROUTED_RESPONSE_HEADER: "model_group",
         "x-ratelimit-limit-requests": "limit_requests",
         "x-ratelimit-remaining-requests": "remaining_requests",
         "x-ratelimit-limit-tokens": "limit_tokens",
@@ -57,65 +62,92 @@ def response_headers() -> dict[str, str]:
     return headers
 
 
-# Reads token usage from responses as they stream through, without buffering or delaying them: the
-# `usage` object of JSON bodies and of a stream's final chunk, else a count of streamed content events.
-# Results go to dynamic metadata, which the access log brings back to the processor.
+# Reads token usage from responses as they stream through, without buffering them: the `usage` object of
+# JSON bodies and of a stream's final chunk, else a count of streamed content events. Results go to dynamic
+# metadata, which the access log brings back to the processor. Each chunk waits for this code before it
+# goes on to the client, so it uses plain finds only (the pattern scan of every chunk it replaced cost
+# ~0.25 ms of time to first event), runs the usage patterns only on text that holds a usage object, and
+# tells a routed response by the response header the route adds (reading the routing metadata would
+# convert all of it into a Lua table).
 USAGE_LUA = """
 local NS = "__USAGE_NS__"
 local TAIL = 512
-
-local function last_number(text, key)
-  local value = nil
-  for digits in string.gmatch(text, '"' .. key .. '"%s*:%s*(%d+)') do value = digits end
-  return value
-end
+local find, sub, byte, gmatch = string.find, string.sub, string.byte, string.gmatch
 
 -- Handles obtained before a yield (each body chunk) are invalid after it: look them up every time.
 local function set(handle, key, value)
   handle:streamInfo():dynamicMetadata():set(NS, key, value)
 end
 
+-- Content events with a non-empty "content" string, in text made of whole SSE events.
+local function content_events(text)
+  local count, from = 0, 1
+  while true do
+    local _, e = find(text, '"content":', from, true)
+    if e == nil then return count end
+    local c = byte(text, e + 1)
+    while c == 32 do e = e + 1; c = byte(text, e + 1) end
+    if c == 34 and byte(text, e + 2) ~= 34 then count = count + 1 end
+    from = e + 1
+  end
+end
+
+local function last_number(text, key)
+  local value = nil
+  for digits in gmatch(text, '"' .. key .. '"%s*:%s*(%d+)') do value = digits end
+  return value
+end
+
+local function read_usage(handle, text)
+  if find(text, '"total_tokens"', 1, true) == nil then return end
+  local total = last_number(text, "total_tokens")
+  if total == nil then return end
+  set(handle, "total_tokens", tonumber(total))
+  local completion = last_number(text, "completion_tokens")
+  if completion ~= nil then set(handle, "completion_tokens", tonumber(completion)) end
+  local prompt = last_number(text, "prompt_tokens")
+  if prompt ~= nil then set(handle, "prompt_tokens", tonumber(prompt)) end
+end
+
 function envoy_on_response(handle)
-  if handle:streamInfo():dynamicMetadata():get("__ROUTED_NS__") == nil then return end
+  if handle:headers():get("__ROUTED_HEADER__") == nil then return end
   local content_type = handle:headers():get("content-type") or ""
-  local stream = string.find(content_type, "text/event-stream", 1, true) ~= nil
+  local stream = find(content_type, "text/event-stream", 1, true) ~= nil
   local pending, events = "", 0
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then
-      local text = pending .. chunk:getBytes(0, size)
-      local scan = text
+      local text = chunk:getBytes(0, size)
+      if pending ~= "" then text = pending .. text end
       if stream then
-        -- count whole SSE events only; keep the incomplete last one for the next chunk
-        local cut = nil
-        local from = 1
-        while true do
-          local s, e = string.find(text, "\\n\\n", from, true)
-          if s == nil then break end
-          cut, from = e, e + 1
+        -- whole SSE events only; an incomplete last one waits for the next chunk
+        local scan = text
+        pending = ""
+        if sub(text, -2) ~= "\\n\\n" then
+          local cut, from = nil, 1
+          while true do
+            local _, e = find(text, "\\n\\n", from, true)
+            if e == nil then break end
+            cut, from = e, e + 1
+          end
+          if cut then scan, pending = sub(text, 1, cut), sub(text, cut + 1) else scan, pending = "", text end
         end
-        if cut then
-          scan, pending = string.sub(text, 1, cut), string.sub(text, cut + 1)
-          for _ in string.gmatch(scan, '"content"%s*:%s*"[^"]') do events = events + 1 end
-          set(handle, "stream_events", events)
-        else
-          scan, pending = "", text
+        if scan ~= "" then
+          local found = content_events(scan)
+          if found > 0 then
+            events = events + found
+            set(handle, "stream_events", events)
+          end
+          read_usage(handle, scan)
         end
       else
-        pending = string.sub(text, -TAIL)
-      end
-      local total = last_number(scan, "total_tokens")
-      if total ~= nil then
-        set(handle, "total_tokens", tonumber(total))
-        local completion = last_number(scan, "completion_tokens")
-        if completion ~= nil then set(handle, "completion_tokens", tonumber(completion)) end
-        local prompt = last_number(scan, "prompt_tokens")
-        if prompt ~= nil then set(handle, "prompt_tokens", tonumber(prompt)) end
+        read_usage(handle, text)
+        pending = sub(text, -TAIL)
       end
     end
   end
 end
-""".replace("__USAGE_NS__", USAGE_NAMESPACE).replace("__ROUTED_NS__", METADATA_NAMESPACE)
+""".replace("__USAGE_NS__", USAGE_NAMESPACE).replace("__ROUTED_HEADER__", ROUTED_RESPONSE_HEADER)
 
 
 def _lua_string(text: str) -> str:
