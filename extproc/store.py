@@ -58,7 +58,7 @@ class Reservation:
     admitted_at: float  # the store's clock; identifies the window entry for the token correction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per finished request (frozen costs ~1.5 µs each)
 class Outcome:
     """How a routed request ended, reported once (from Envoy's access log) for every request."""
 
