@@ -279,6 +279,10 @@ class RedisStore(CounterStore):
         # lowered as this processor settles requests. Other processors' activity shows at the next reply.
         self._view: dict[str, DeploymentState] = {}
         self._view_at: dict[str, float] = {}  # when each view entry came from Redis (monotonic)
+        # The latest end of a cooldown this processor has heard of, per deployment (monotonic). Kept apart from
+        # the view: a reply Redis produced before the cooldown began can arrive after its announcement, and a
+        # cooldown never ends early, so only a later end may replace a known one.
+        self._cooling_until: dict[str, float] = {}
         self._resending: set[asyncio.Task[None]] = set()
         # Script calls not awaited, to be written after this loop turn (_send_unawaited): script source (for a
         # NOSCRIPT), the command, what to do with the reply.
@@ -289,6 +293,9 @@ class RedisStore(CounterStore):
         self._slot_scripts_loaded = False
         self._cooldown_channel = f"{prefix}:cooldowns"
         self._cooldown_watch: asyncio.Task[None] | None = None
+        # Set while subscribed to the cooldown channel. Decisions without a round trip (slots, deployments
+        # without limits) are taken only then: a cooldown announced while not subscribed would go unheard.
+        self._subscribed = asyncio.Event()
         self._closing = False
         self._no_allotment_until: dict[str, float] = {}  # deployment key -> monotonic time to ask again
         self._processor_tag = secrets.token_hex(4)  # keeps this processor's slot names apart from others'
@@ -305,6 +312,18 @@ class RedisStore(CounterStore):
             self._key_cache[(group, key)] = cached
         return cached
 
+    def start(self) -> None:
+        """Subscribe to cooldown announcements (in the background; again whenever the connection drops)."""
+        if self._cooldown_watch is None and not self._closing:
+            self._cooldown_watch = asyncio.get_running_loop().create_task(self._watch_cooldowns())
+
+    async def subscribed(self, timeout: float) -> bool:
+        """Whether the cooldown channel is subscribed, waiting up to ``timeout`` for it."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        return self._subscribed.is_set()
+
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
@@ -313,10 +332,10 @@ class RedisStore(CounterStore):
         tokens: int, lease_s: float,
     ) -> Reservation:
         first = self._first_choice(candidates, order)
+        if self._cooldown_watch is None:
+            self.start()
         lean = self._lean if self._lean is not None and self._lean.connected else None
-        if lean is not None and self._cooldown_watch is None:
-            self._cooldown_watch = asyncio.get_running_loop().create_task(self._watch_cooldowns())
-        if first is not None and lean is not None:
+        if first is not None and lean is not None and self._subscribed.is_set():
             candidate = candidates[first]
             if not (candidate.rpm or candidate.tpm):
                 # No limit to check, so nothing to wait for: the reservation (usage, lease, sample window) is
@@ -353,14 +372,22 @@ class RedisStore(CounterStore):
         return keys, args
 
     def _first_choice(self, candidates: Sequence[Candidate], order: Sequence[int]) -> int | None:
-        """The first candidate in ``order`` not cooling down, as last seen."""
+        """The first candidate in ``order`` not cooling down, as far as this processor knows."""
         now = time.monotonic()
+        cooling = self._cooling_until
         for index in order:
-            key = candidates[index].key
-            state = self._view.get(key)
-            if state is None or state.cooldown_s <= now - self._view_at[key]:
+            if cooling.get(candidates[index].key, 0.0) <= now:
                 return index
         return None
+
+    def _heard_of_cooldown(self, key: str, seconds: float) -> bool:
+        """Note a cooldown of ``seconds`` left (from any reply or announcement); True if it is running."""
+        if seconds <= 0:
+            return self._cooling_until.get(key, 0.0) > time.monotonic()
+        until = time.monotonic() + seconds
+        if until > self._cooling_until.get(key, 0.0):
+            self._cooling_until[key] = until
+        return True
 
     # -- allotments -------------------------------------------------------------------------------------
     #
@@ -391,7 +418,7 @@ class RedisStore(CounterStore):
         """Ask for slots on this deployment when this processor has few left there (one request at a time)."""
         key = candidate.key
         now = time.monotonic()
-        if key in self._allotting or self._no_allotment_until.get(key, 0.0) > now:
+        if not self._subscribed.is_set() or key in self._allotting or self._no_allotment_until.get(key, 0.0) > now:
             return
         left = sum(len(a.slots) for a in self._allotments.get(key, ()) if a.expires > now)
         if left >= ALLOT_REFILL_BELOW:
@@ -439,8 +466,13 @@ class RedisStore(CounterStore):
             state, rpm_used=rpm_used, tpm_used=tpm_used, cooldown_s=cooling_ms / 1000
         )
         self._view_at[candidate.key] = time.monotonic()
-        if cooling_ms:
-            self._return_all_slots(candidate.key)  # another processor started a cooldown: stop using slots
+        if self._heard_of_cooldown(candidate.key, cooling_ms / 1000):
+            # Cooling (this reply may predate a cooldown announced meanwhile): no requests there from slots.
+            self._return_all_slots(candidate.key)
+            if granted:
+                self._send_later(RETURN_SLOTS, [b"EVALSHA", self._return_slots_sha, 2, w, tk, each,
+                                                *(f"{prefix}{i}|{each}" for i in range(granted, 0, -1))], None)
+                granted = 0
         if not granted:
             self._no_allotment_until[candidate.key] = time.monotonic() + ALLOT_S  # cooling, or others took the room
             return
@@ -466,8 +498,9 @@ class RedisStore(CounterStore):
 
     async def _watch_cooldowns(self) -> None:
         """Cooldowns any processor starts reach this one at once (FAIL publishes them), so decisions taken
-        without a round trip (allotted slots, deployments without limits) stop going there; a cooldown
-        missed while (re)subscribing still shows in the next Redis reply."""
+        without a round trip (allotted slots, deployments without limits) stop going there. Those decisions
+        are taken only while subscribed, and the slots held go back when the subscription is lost: every
+        slot in use was allotted (ALLOT checks the cooldown in Redis) while announcements were heard."""
         this = asyncio.current_task()
         assert this is not None
 
@@ -479,15 +512,27 @@ class RedisStore(CounterStore):
             try:
                 await pubsub.subscribe(self._cooldown_channel)
                 while running():
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":  # Redis confirms: from now on nothing is missed
+                        self._subscribed.set()
+                    elif message["type"] == "message":
                         self._on_cooldown(message["data"])
             except (RedisError, OSError) as exc:
                 log.debug("cooldown channel: %s; subscribing again", exc)
+                self._unsubscribed()
                 await asyncio.sleep(1.0)
             finally:
+                self._unsubscribed()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _unsubscribed(self) -> None:
+        if self._subscribed.is_set():
+            self._subscribed.clear()
+            for key in list(self._allotments):
+                self._return_all_slots(key)
 
     def _on_cooldown(self, data: bytes | str) -> None:
         text = data.decode() if isinstance(data, bytes) else data
@@ -495,6 +540,7 @@ class RedisStore(CounterStore):
         state = self._view.get(key) or DeploymentState()
         self._view[key] = dataclasses.replace(state, cooldown_s=int(milliseconds) / 1000)
         self._view_at[key] = time.monotonic()
+        self._heard_of_cooldown(key, int(milliseconds) / 1000)
         self._return_all_slots(key)
 
     # -- the view ---------------------------------------------------------------------------------------
@@ -518,7 +564,7 @@ class RedisStore(CounterStore):
         for candidate, state in zip(candidates, reservation.states, strict=True):
             self._view[candidate.key] = state
             self._view_at[candidate.key] = now
-            if state.cooldown_s > 0 and candidate.key in self._allotments:
+            if self._heard_of_cooldown(candidate.key, state.cooldown_s) and candidate.key in self._allotments:
                 self._return_all_slots(candidate.key)  # cooling down: no more requests there from slots
         return reservation
 

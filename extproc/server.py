@@ -62,6 +62,7 @@ class ProcessorServer:
         self.front = ExtProcFront(self.processor, self.config.max_request_bytes + GRPC_HEADROOM_BYTES)
 
     async def start(self) -> int:
+        self.store.start()
         server = grpc.aio.server(options=grpc_options(self.config))
         add_to_server(server, self.processor)
         accounting.add_to_server(server, self.access_log)

@@ -108,6 +108,10 @@ class CounterStore(abc.ABC):
     async def states(self, group: str, candidates: Sequence[Candidate]) -> tuple[DeploymentState, ...]:
         """A fresh snapshot (for metrics and tests, not the hot path)."""
 
+    def start(self) -> None:
+        """Begin background work the store needs (called once the event loop runs)."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -316,6 +320,10 @@ class FallbackStore(CounterStore):
             except self._errors as exc:
                 self._failed(exc)
         return await self.fallback.states(group, candidates)
+
+    def start(self) -> None:
+        self.primary.start()
+        self.fallback.start()
 
     async def close(self) -> None:
         await self.primary.close()

@@ -240,6 +240,7 @@ async def test_redis_admits_a_deployment_without_limits_without_waiting(redis_ur
     lease) on the same connection, ahead of the settle."""
     store = RedisStore(redis_url, prefix="unlimited")
     await store.reserve("g", (A, U1), (0,), "warm", 1, 30)  # opens the connection and loads the script
+    assert await store.subscribed(2.0)  # decisions skip the wait only while cooldowns are heard
     reservation = finished_at_once(store.reserve("g", (U1, U2), (1, 0), "r1", 7, 30))
     assert reservation.chosen == 1
     assert (reservation.states[1].rpm_used, reservation.states[1].in_flight) == (1, 1)  # counted in the view
@@ -253,14 +254,15 @@ async def test_redis_admits_a_deployment_without_limits_without_waiting(redis_ur
 
 
 async def test_unawaited_reservations_learn_cooldowns_and_survive_a_flushed_script_cache(redis_url: str) -> None:
-    from extproc.cooldown import Failure
 
     store = RedisStore(redis_url, prefix="unlimited-cool")
     await store.reserve("g", (A, U1), (0,), "warm", 1, 30)
-    redis.Redis.from_url(redis_url).script_flush()  # the next unawaited reservation gets NOSCRIPT
-    await store.record_failures([("g", "dep-u1", Failure(cooldown_s=5.0, immediate=True, allowed_fails=1))])
-    # This processor has not seen the cooldown yet (another processor may have set it): the first decision
-    # still picks U1, and its reply (once the script is reloaded) teaches the view.
+    assert await store.subscribed(2.0)
+    client = redis.Redis.from_url(redis_url)
+    client.script_flush()  # the next unawaited reservation gets NOSCRIPT
+    # A cooldown whose announcement this processor never heard (written straight into Redis): the first
+    # decision still picks U1, and its reply (once the script is reloaded) teaches the view.
+    client.set(store.keys("g", "dep-u1")[5], "1", px=5000)
     assert finished_at_once(store.reserve("g", (U1, U2), (0, 1), "r1", 1, 30)).chosen == 0
     for _ in range(100):
         if store.snapshot("g", (U1,))[0].cooldown_s > 0:
@@ -373,6 +375,7 @@ async def test_allotted_slots_admit_without_waiting(redis_url: str) -> None:
 
     big = Candidate("dep-big", rpm=1000, tpm=None)
     store = RedisStore(redis_url, prefix="allot")
+    assert await store.subscribed(2.0)  # slots are allotted only while cooldowns are heard
     assert (await store.reserve("g", (big,), (0,), "r0", 10, 30)).chosen == 0  # checked in Redis
     await settled(store)
     # The first decision asked for slots: they count in the window at once.
@@ -397,6 +400,7 @@ async def test_used_up_allotments_are_dropped_at_once(redis_url: str) -> None:
     timer, or every decision pays for walking them."""
     big = Candidate("dep-big", rpm=100_000, tpm=None)
     store = RedisStore(redis_url, prefix="allot-busy")
+    assert await store.subscribed(2.0)
     at_once = 0
     for i in range(300):
         reservation, without_waiting = await decide(store.reserve("g", (big,), (0,), f"r{i}", 10, 30))
@@ -418,6 +422,7 @@ async def test_unused_slots_go_back_and_small_deployments_get_none(
     monkeypatch.setattr(redis_store, "ALLOT_S", 0.2)
     big = Candidate("dep-big", rpm=1000, tpm=None)
     store = RedisStore(redis_url, prefix="allot-back")
+    assert await store.subscribed(2.0)
     await store.reserve("g", (big,), (0,), "r0", 10, 30)
     await settled(store)
     assert (await store.states("g", (big,)))[0].rpm_used > 1
@@ -437,6 +442,7 @@ async def test_slots_carry_tokens_and_a_larger_estimate_is_checked_in_redis(redi
 
     tokens = Candidate("dep-tpm", rpm=None, tpm=1_000_000)
     store = RedisStore(redis_url, prefix="allot-tpm")
+    assert await store.subscribed(2.0)
     await store.reserve("g", (tokens,), (0,), "r0", 100, 30)
     await settled(store)
     each = redis_store.ALLOT_LEAST_TOKENS  # max(256, 2 x 100)
@@ -456,6 +462,8 @@ async def test_limits_stay_exact_across_processors_with_allotments(redis_url: st
     slots, and Redis never holds more than 120 entries."""
     limited = Candidate("dep-120", rpm=120, tpm=None)
     stores = [RedisStore(redis_url, prefix="allot-exact") for _ in range(2)]
+    for store in stores:
+        assert await store.subscribed(2.0)
     admitted = 0
     from_slots = 0
     for i in range(400):
@@ -475,6 +483,29 @@ async def test_limits_stay_exact_across_processors_with_allotments(redis_url: st
     await check.close()
 
 
+async def test_no_decision_skips_redis_while_cooldowns_could_go_unheard(redis_url: str) -> None:
+    """Slots are used only while the cooldown channel is subscribed: when the subscription drops, the slots
+    go back and decisions are checked in Redis until it is back (a cooldown announced meanwhile is missed)."""
+    big = Candidate("dep-big", rpm=1000, tpm=None)
+    store = RedisStore(redis_url, prefix="cool-lost")
+    assert await store.subscribed(2.0)
+    await store.reserve("g", (big,), (0,), "r0", 1, 30)
+    await settled(store)
+    assert finished_at_once(store.reserve("g", (big,), (0,), "r1", 1, 30)).chosen == 0  # from a slot
+    redis.Redis.from_url(redis_url).client_kill_filter(_type="pubsub")
+    for _ in range(100):
+        if not store._subscribed.is_set():
+            break
+        await asyncio.sleep(0.01)
+    await settled(store)
+    assert not any(a.slots for a in store._allotments.get("dep-big", []))  # given back
+    assert (await store.states("g", (big,)))[0].rpm_used == 2  # r0 and r1 only
+    reservation, at_once = await decide(store.reserve("g", (big,), (0,), "r2", 1, 30))
+    assert reservation.chosen == 0 and not at_once
+    assert await store.subscribed(3.0)  # subscribed again after a second
+    await store.close()
+
+
 async def test_a_cooldown_reaches_every_processor_at_once(redis_url: str) -> None:
     """Decisions taken without a round trip (slots, deployments without limits) must skip a deployment as
     soon as any processor starts its cooldown: FAIL publishes it, and the others drop their slots there."""
@@ -483,6 +514,7 @@ async def test_a_cooldown_reaches_every_processor_at_once(redis_url: str) -> Non
     big = Candidate("dep-big", rpm=1000, tpm=None)
     other = Candidate("dep-other", rpm=None, tpm=None)
     deciding, failing = RedisStore(redis_url, prefix="cool-pub"), RedisStore(redis_url, prefix="cool-pub")
+    assert await deciding.subscribed(2.0)
     for i in range(2):
         await deciding.reserve("g", (big, other), (0, 1), f"w{i}", 1, 30)  # slots allotted, channel subscribed
     await settled(deciding)
