@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from bench import profiling, report
-from bench.load import ClosedLoop, FixedRate, Load, chat_body, run_ttfb, stream_body, write_wrk_script
+from bench.load import WRK, ClosedLoop, FixedRate, Load, chat_body, run_ttfb, stream_body, write_wrk_script
 from bench.measure import UPSTREAM_ROLE, Target, measure_point, settle
 from bench.procs import ROOT, http_status
 from bench.systems import (
@@ -415,6 +415,8 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> None:
     began = time.monotonic()
     args = parse_args(argv)
+    if not Path(WRK).exists():
+        sys.exit(f"{WRK} is missing: the closed-loop load is Debian's wrk (apt-get install -y wrk)")
     settings = settings_from(args)
     skipped: dict[str, str] = {}
     specs, litellm = prepare_litellm(select_specs(args), skipped)
