@@ -90,43 +90,66 @@ def outcome_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome | None:
     )
 
 
+class LogStream:
+    """One access-log stream's state: Envoy names the log (requests or attempts) in its first message only."""
+
+    __slots__ = ("log_name",)
+
+    def __init__(self) -> None:
+        self.log_name = ""
+
+
 class AccessLogReceiver:
-    """The gRPC AccessLogService: settles each batch with one store call (one Redis pipeline)."""
+    """The AccessLogService: settles each batch with one store call (one Redis pipeline). Served on the lean
+    listener (h2front.py) for the rendered Envoy, and on grpc.aio for an Envoy pointed there."""
+
+    # A client-streaming call ends with one response message: StreamAccessLogsResponse is empty.
+    final_message: bytes | None = b""
 
     def __init__(self, router: Callable[[], Router], metrics: Metrics) -> None:
         self._router = router
         self._metrics = metrics
         self.settled = 0
 
+    def open_exchange(self) -> LogStream:
+        return LogStream()
+
+    async def handle(self, stream: LogStream, data: bytes) -> tuple[bytes | None, bool]:
+        """One serialized StreamAccessLogsMessage in (from h2front); nothing is sent back until the end."""
+        await self.on_message(stream, als_pb2.StreamAccessLogsMessage.FromString(data))
+        return None, False
+
     async def stream(
         self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext[Any, Any]
     ) -> als_pb2.StreamAccessLogsResponse:
-        log_name = ""
+        state = LogStream()
         async for message in requests:
-            log_name = message.identifier.log_name or log_name  # only a stream's first message names it
-            entries = message.http_logs.log_entry
-            if log_name == ATTEMPT_LOG_NAME:
-                attempts = [a for a in map(attempt_of, entries) if a is not None]
-                if attempts:
-                    await self._record_attempts(attempts)
-                continue
-            outcomes = [o for o in map(outcome_of, entries) if o is not None]
-            router = self._router()
-            if len(outcomes) < len(entries):
-                orphans = [r for r in map(orphan_of, entries) if r is not None]
-                if orphans:
-                    self._metrics.abandoned += len(orphans)
-                    router.release_orphans(orphans)
-            if not outcomes:
-                continue
-            self._metrics.record_outcomes(outcomes)
-            try:
-                await router.store.settle(outcomes)
-                self.settled += len(outcomes)
-            except Exception:  # a lost batch only delays lease expiry; never break the log stream
-                log.exception("could not settle %d request outcomes", len(outcomes))
+            await self.on_message(state, message)
         return als_pb2.StreamAccessLogsResponse()
 
+    async def on_message(self, stream: LogStream, message: als_pb2.StreamAccessLogsMessage) -> None:
+        stream.log_name = message.identifier.log_name or stream.log_name
+        entries = message.http_logs.log_entry
+        if stream.log_name == ATTEMPT_LOG_NAME:
+            attempts = [a for a in map(attempt_of, entries) if a is not None]
+            if attempts:
+                await self._record_attempts(attempts)
+            return
+        outcomes = [o for o in map(outcome_of, entries) if o is not None]
+        router = self._router()
+        if len(outcomes) < len(entries):
+            orphans = [r for r in map(orphan_of, entries) if r is not None]
+            if orphans:
+                self._metrics.abandoned += len(orphans)
+                router.release_orphans(orphans)
+        if not outcomes:
+            return
+        self._metrics.record_outcomes(outcomes)
+        try:
+            await router.store.settle(outcomes)
+            self.settled += len(outcomes)
+        except Exception:  # a lost batch only delays lease expiry; never break the log stream
+            log.exception("could not settle %d request outcomes", len(outcomes))
 
     async def _record_attempts(self, attempts: list[Attempt]) -> None:
         try:

@@ -17,8 +17,8 @@ from .config import Deployment, RouterConfig
 from .protocol import PROCESSOR_REPLY_DETAILS_PREFIX, REQUEST_ATTRIBUTES
 from .routing import CLUSTER_HEADER, ENDPOINT_NAMESPACE, KEYS_NAMESPACE, METADATA_NAMESPACE
 
-PROCESSOR_CLUSTER = "llm_extproc"  # the processors' grpc.aio address: cluster discovery, access logs
-EXT_PROC_CLUSTER = "llm_extproc_lean"  # their lean ext_proc listeners (h2front.py): every ext_proc stream
+PROCESSOR_CLUSTER = "llm_extproc"  # the processors' grpc.aio address: cluster discovery
+EXT_PROC_CLUSTER = "llm_extproc_lean"  # their lean listeners (h2front.py): every ext_proc and access-log stream
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 LUA_REPLY_DETAILS = "lua_response"  # what Envoy records for a Lua handle:respond()
 LLM_ROUTE_NAME = "llm"
@@ -347,7 +347,7 @@ def _processor_access_log(log_name: str, options: RenderOptions, **common: Any) 
             "common_config": {
                 "log_name": log_name,
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}},
+                "grpc_service": {"envoy_grpc": {"cluster_name": ext_proc_cluster_name(options)}},
                 "buffer_flush_interval": f"{options.access_log_flush_ms / 1000:.3f}s",
                 "buffer_size_bytes": 16384,
                 **common,

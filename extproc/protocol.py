@@ -145,6 +145,8 @@ class Exchange:
 class ExternalProcessor:
     """One bidirectional stream per HTTP request: request headers, then (for inference calls) the body."""
 
+    final_message: bytes | None = None  # every message is answered; nothing more when Envoy ends the stream
+
     def __init__(self, router: Router, metrics: Metrics | None = None) -> None:
         self.router = router
         self.metrics = metrics or Metrics()
@@ -171,6 +173,10 @@ class ExternalProcessor:
     def open_exchange(self) -> Exchange:
         # A reload mid-request keeps this request on the config it started with.
         return Exchange(self.router)
+
+    async def handle(self, exchange: Exchange, data: bytes) -> tuple[bytes | None, bool]:
+        """One serialized ProcessingRequest (from h2front); raises DecodeError if it is not one."""
+        return await self.respond(exchange, pb.ProcessingRequest.FromString(data))
 
     async def respond(self, exchange: Exchange, request: pb.ProcessingRequest) -> tuple[bytes, bool]:
         """One ext_proc message in, its serialized response out, and whether that ends the stream.

@@ -59,7 +59,9 @@ class ProcessorServer:
         # serves ext_proc as well, at the main address, for an Envoy configured that way.
         self.ext_proc_port = ext_proc_port
         self.ext_proc_socket = ext_proc_socket
-        self.front = ExtProcFront(self.processor, self.config.max_request_bytes + GRPC_HEADROOM_BYTES)
+        self.front = ExtProcFront(
+            self.processor, self.access_log, self.config.max_request_bytes + GRPC_HEADROOM_BYTES
+        )
 
     async def start(self) -> int:
         self.store.start()

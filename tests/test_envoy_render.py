@@ -72,13 +72,17 @@ def _ext_proc_target(doc: dict[str, Any]) -> tuple[str, list[Any]]:
     ],
     ids=["port+1", "explicit", "sockets", "grpc-aio", "socket-grpc-aio"],
 )
-def test_ext_proc_goes_to_the_lean_listener_when_there_is_one(
+def test_ext_proc_and_access_logs_go_to_the_lean_listener_when_there_is_one(
     options: RenderOptions, target: tuple[str, list[Any]]
 ) -> None:
     config = load(CONFIG_DIR / "seed-router-settings.yaml")
     doc = render_bootstrap(config, options)
     assert _ext_proc_target(doc) == target
-    # discovery and access logs stay on the grpc.aio address
+    # the access logs (one entry per request) go where ext_proc goes; discovery stays on grpc.aio
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    router = next(f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.router")
+    for log in [*manager["access_log"], *router["typed_config"]["upstream_log"]]:
+        assert log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"] == {"cluster_name": target[0]}
     assert doc["dynamic_resources"]["cds_config"]["api_config_source"]["grpc_services"][0]["envoy_grpc"] == {
         "cluster_name": PROCESSOR_CLUSTER
     }

@@ -15,6 +15,7 @@ import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
@@ -408,3 +409,62 @@ async def test_a_decision_that_waits_for_redis_is_answered_or_cancelled_from_a_t
         assert sum(state.in_flight for state in states) == 2  # the reset one was given back
     finally:
         await server.stop(grace=0.5)
+
+
+def access_log_message(request_id: str, routed: pb.ProcessingResponse, first: bool) -> als_pb2.StreamAccessLogsMessage:
+    """What Envoy's access logger sends when a routed request ends: the routing metadata it was given back."""
+    message = als_pb2.StreamAccessLogsMessage()
+    if first:
+        message.identifier.log_name = "llm_requests"
+    entry = message.http_logs.log_entry.add()
+    entry.common_properties.metadata.filter_metadata["llm"].CopyFrom(routed.dynamic_metadata.fields["llm"].struct_value)
+    entry.request.request_id = request_id
+    entry.response.response_code.value = 200
+    return message
+
+
+async def in_flight(server: ProcessorServer) -> int:
+    group = server.processor.router.groups()["gpt-4o"]
+    return sum(s.in_flight for s in await server.store.states(group.name, group.candidates))
+
+
+async def test_access_logs_reach_the_lean_listener_too(server: ProcessorServer) -> None:
+    """Envoy's access-log stream goes to the same listener as ext_proc (told apart by its first message):
+    the request's lease ends there, and the client-streaming call ends with its (empty) response."""
+    assert server.ext_proc_port is not None
+    responses, code = await call(server.ext_proc_port, body_message())
+    assert code == grpc.StatusCode.OK and await in_flight(server) == 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ext_proc_port}") as channel:
+        method = channel.stream_unary(
+            "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
+            request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
+            response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+        )
+        reply = await method(iter([access_log_message("req-1", responses[0], first=True),
+                                   access_log_message("not-routed-here", responses[0], first=False)]))
+    assert reply == als_pb2.StreamAccessLogsResponse()
+    assert await in_flight(server) == 0
+    assert server.access_log.settled == 2
+
+
+async def test_a_long_stream_gets_its_window_topped_up(server: ProcessorServer) -> None:
+    """An access-log stream lives as long as Envoy's connection: past each MiB received, the stream's window
+    is given back, so it never runs dry."""
+    assert server.ext_proc_port is not None
+    client = await RawClient.connect(server.ext_proc_port)
+    try:
+        message = als_pb2.StreamAccessLogsMessage()
+        message.identifier.log_name = "llm_requests"
+        for i in range(1200):  # ~1.2 MiB of entries that were not routed by us (nothing to settle)
+            message.http_logs.log_entry.add().request.path = f"/{i}/" + "x" * 1000
+        data = grpc_message(message)
+        client.send(PREFACE, frame(SETTINGS, 0, 0), frame(HEADERS, END_HEADERS, 1, b"\x83"))
+        client.send(*(frame(DATA, 0, 1, data[i : i + 16_384]) for i in range(0, len(data), 16_384)))
+        frames = await client.until(h2front.WINDOW_UPDATE, 1)
+        assert int.from_bytes(frames[-1][3], "big") >= h2front.STREAM_WINDOW_REFILL
+        client.send(frame(DATA, END_STREAM, 1))
+        frames = await client.until(HEADERS, 1)  # the response's headers, its empty message, then OK
+        assert (await client.frame())[:3] == (DATA, 0, 1)
+        assert await client.frame() == (HEADERS, END_STREAM | END_HEADERS, 1, OK_TRAILERS)
+    finally:
+        client.close()
