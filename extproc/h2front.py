@@ -318,7 +318,11 @@ class _Connection(asyncio.Protocol):
             stream.inbox.append(bytes(buffer[5 : 5 + size]))
             del buffer[: 5 + size]
         if stream.inbox and stream.task is None:
-            self._answer_eagerly(stream)
+            if stream.service is self.front.access_log:
+                # Never urgent: a decision that arrived in the same read is answered first.
+                stream.task = asyncio.get_running_loop().create_task(self._answer(stream))
+            else:
+                self._answer_eagerly(stream)
 
     def _answer_eagerly(self, stream: _Stream) -> None:
         """Runs the answer in this callback, up to the first thing it must wait for. Most decisions wait for
@@ -362,7 +366,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, error_trailers(GRPC_INVALID_ARGUMENT, "the message does not parse"))
             return
         except Exception as exc:  # a bug must fail this request, not the connection
-            log.exception("ext_proc stream failed")
+            log.exception("stream failed")
             self._finish(stream, error_trailers(GRPC_INTERNAL, f"processor error: {type(exc).__name__}"))
             return
         stream.task = None

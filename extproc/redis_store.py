@@ -278,7 +278,6 @@ class RedisStore(CounterStore):
         # This processor's latest view of each deployment: from every reserve reply, with in-flight counts
         # lowered as this processor settles requests. Other processors' activity shows at the next reply.
         self._view: dict[str, DeploymentState] = {}
-        self._view_at: dict[str, float] = {}  # when each view entry came from Redis (monotonic)
         # The latest end of a cooldown this processor has heard of, per deployment (monotonic). Kept apart from
         # the view: a reply Redis produced before the cooldown began can arrive after its announcement, and a
         # cooldown never ends early, so only a later end may replace a known one.
@@ -465,7 +464,6 @@ class RedisStore(CounterStore):
         self._view[candidate.key] = dataclasses.replace(
             state, rpm_used=rpm_used, tpm_used=tpm_used, cooldown_s=cooling_ms / 1000
         )
-        self._view_at[candidate.key] = time.monotonic()
         if self._heard_of_cooldown(candidate.key, cooling_ms / 1000):
             # Cooling (this reply may predate a cooldown announced meanwhile): no requests there from slots.
             self._return_all_slots(candidate.key)
@@ -539,7 +537,6 @@ class RedisStore(CounterStore):
         key, _, milliseconds = text.rpartition(" ")
         state = self._view.get(key) or DeploymentState()
         self._view[key] = dataclasses.replace(state, cooldown_s=int(milliseconds) / 1000)
-        self._view_at[key] = time.monotonic()
         self._heard_of_cooldown(key, int(milliseconds) / 1000)
         self._return_all_slots(key)
 
@@ -554,16 +551,13 @@ class RedisStore(CounterStore):
             state.rpm_used + 1, state.tpm_used + tokens, state.in_flight + 1, state.latency, state.ttft,
             state.frees_in_s, state.cooldown_s,
         )
-        self._view_at.setdefault(key, time.monotonic())
         return Reservation(chosen, self.snapshot("", candidates), time.time())
 
     def _update_view(self, candidates: Sequence[Candidate], reply: object) -> Reservation:
         assert isinstance(reply, list)
         reservation = _parse_reservation(reply, len(candidates))
-        now = time.monotonic()
         for candidate, state in zip(candidates, reservation.states, strict=True):
             self._view[candidate.key] = state
-            self._view_at[candidate.key] = now
             if self._heard_of_cooldown(candidate.key, state.cooldown_s) and candidate.key in self._allotments:
                 self._return_all_slots(candidate.key)  # cooling down: no more requests there from slots
         return reservation
